@@ -1,0 +1,278 @@
+"""The single table of named presets, from seconds-on-CPU toys to the papers' exact models.
+
+    >>> from minildm import presets
+    >>> presets.names()                     # every preset
+    >>> config = presets.get("ddpm-cifar10")  # a fresh `Config`, safe to modify
+    >>> presets.info("ddpm-cifar10").params   # exact parameter count of the original network
+
+Each entry cites its source (paper table or official README flags), the exact parameter count
+that the original code builds (see ../shared/PAPER_FACTS.md), the training recipe (in the
+config's `train` and `diffusion` sections) and the result the paper reported with it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from minildm.config import Config, DataConfig, DiffusionConfig, MLPConfig, SampleConfig, TrainConfig, UNetConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named config plus what it reproduces: source, exact parameter count, reported result."""
+
+    name: str
+    config: Config
+    summary: str
+    source: str = ""
+    params: int | None = None  # parameters of the original network (None for course toys)
+    result: str = ""
+    checkpoint: str = ""  # file name of the official checkpoint, if one was released
+
+
+_REGISTRY: dict[str, Preset] = {}
+
+
+def register(preset: Preset) -> Preset:
+    """Add a preset to the table (names are unique)."""
+    if preset.name in _REGISTRY:
+        raise ValueError(f"preset {preset.name!r} is already registered")
+    _REGISTRY[preset.name] = preset
+    return preset
+
+
+def names() -> list[str]:
+    """All preset names, in registration order (toys first, then papers)."""
+    return list(_REGISTRY)
+
+
+def info(name: str) -> Preset:
+    """The whole `Preset` record of `name` (its config is shared: use `get` to modify one)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown preset {name!r}; available presets: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def get(name: str) -> Config:
+    """A fresh copy of the config of preset `name`."""
+    return copy.deepcopy(info(name).config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Course toys: run on a laptop CPU in seconds to minutes.
+
+register(Preset(
+    name="toy-2d",
+    summary="2-D toy distribution, MLP denoiser, 200 linear steps: trains in seconds on a CPU (chapters 01-02)",
+    config=Config(
+        model="mlp",
+        mlp=MLPConfig(),
+        diffusion=DiffusionConfig(num_timesteps=200, beta_schedule="linear", model_var_type="fixed_small"),
+        data=DataConfig(dataset="toy2d", toy="moons", random_flip=False),
+        train=TrainConfig(batch_size=256, lr=1e-3, warmup_steps=100, max_steps=3000, ema_decay=0.99,
+                          log_every=100, sample_every=0, save_every=1000, out_dir="runs/toy-2d"),
+        sample=SampleConfig(num_samples=2000, batch_size=2000, clip_denoised=False),
+    ),
+))
+
+register(Preset(
+    name="toy-shapes",
+    summary="16x16 procedural shapes, tiny UNet (ch 32): the small image toy of chapters 01-03",
+    config=Config(
+        unet=UNetConfig(image_size=16, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_resolutions=(8,), dropout=0.0, num_head_channels=32),
+        diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="fixed_large"),
+        data=DataConfig(dataset="shapes", image_size=16),
+        train=TrainConfig(batch_size=32, lr=1e-3, warmup_steps=100, max_steps=2000, ema_decay=0.995,
+                          sample_every=500, save_every=500, out_dir="runs/toy-shapes"),
+        sample=SampleConfig(num_samples=16, batch_size=16),
+    ),
+))
+
+register(Preset(
+    name="ddpm-shapes",
+    summary="32x32 procedural shapes, small DDPM UNet (ch 32, mult 1,2,2, attention 8x8): the shipped CPU checkpoint",
+    config=Config(
+        unet=UNetConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_resolutions=(8,), dropout=0.0, num_head_channels=32),
+        diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="fixed_large"),
+        data=DataConfig(dataset="shapes", image_size=32),
+        train=TrainConfig(batch_size=32, lr=1e-3, warmup_steps=200, max_steps=8000, ema_decay=0.999,
+                          sample_every=1000, save_every=1000, out_dir="runs/ddpm-shapes"),
+        sample=SampleConfig(num_samples=64, batch_size=64),
+    ),
+))
+
+# ---------------------------------------------------------------------------------------------
+# DDPM, Ho et al. 2020 (hojonathanho/diffusion): Adam (= AdamW with weight decay 0),
+# warmup 5000, grad clip 1, EMA 0.9999, random flips, T=1000 linear betas 1e-4..0.02.
+
+_DDPM_DIFFUSION = DiffusionConfig(num_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+register(Preset(
+    name="ddpm-cifar10",
+    summary="DDPM CIFAR10 UNet (unet2d16b2): ch 128, mult 1,2,2,2, 2 res blocks, attention 16x16, dropout 0.1",
+    source="Ho et al. 2020, App. B; scripts/run_cifar.py",
+    params=35_746_307,
+    result="FID 3.17, IS 9.46, NLL <= 3.75 bits/dim (Tab. 1, L_simple)",
+    config=Config(
+        unet=UNetConfig(image_size=32, channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                        attention_resolutions=(16,), dropout=0.1),
+        diffusion=copy.deepcopy(_DDPM_DIFFUSION),
+        data=DataConfig(dataset="cifar10", image_size=32, random_flip=True),
+        train=TrainConfig(batch_size=128, lr=2e-4, warmup_steps=5000, max_steps=800_000, grad_clip=1.0,
+                          ema_decay=0.9999, out_dir="runs/ddpm-cifar10"),
+        sample=SampleConfig(num_samples=64, batch_size=64),
+    ),
+))
+
+
+def _ddpm256(name, dataset, steps, result, flip=True):
+    # The 256x256 models use the older GaussianDiffusion (diffusion_utils.py): posterior variance.
+    return register(Preset(
+        name=name,
+        summary=f"DDPM {dataset} 256x256 UNet (unet2d16b2c112244): ch 128, mult 1,1,2,2,4,4, attention 16x16",
+        source=f"Ho et al. 2020, App. B; scripts/run_{'celebahq' if 'celeba' in dataset else 'lsun'}.py",
+        params=113_673_219,
+        result=result,
+        config=Config(
+            unet=UNetConfig(image_size=256, channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                            attention_resolutions=(16,), dropout=0.0),
+            diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                      model_var_type="fixed_small"),
+            data=DataConfig(dataset="imagefolder", image_size=256, random_flip=flip),
+            train=TrainConfig(batch_size=64, lr=2e-5, warmup_steps=5000, max_steps=steps, ema_decay=0.9999,
+                              out_dir=f"runs/{name}"),
+            sample=SampleConfig(num_samples=16, batch_size=16),
+        ),
+    ))
+
+
+_ddpm256("ddpm-celebahq256", "CelebA-HQ", 500_000, "samples only (no FID reported)")
+_ddpm256("ddpm-lsun-church256", "LSUN Church", 1_200_000, "FID 7.89")
+_ddpm256("ddpm-lsun-bedroom256", "LSUN Bedroom", 2_400_000, "FID 6.36 (114M model)", flip=False)
+_ddpm256("ddpm-lsun-cat256", "LSUN Cat", 1_800_000, "FID 19.75")
+
+# ---------------------------------------------------------------------------------------------
+# Improved DDPM, Nichol & Dhariwal 2021 (improved-diffusion README flags): cosine schedule,
+# T=4000, learned range variance, L_hybrid (vb rescaled by T/1000), lr 1e-4, EMA 0.9999.
+
+_IDDPM_UNET = dict(num_res_blocks=3, attention_resolutions=(16, 8), num_heads=4, use_scale_shift_norm=True,
+                   learn_sigma=True)
+_IDDPM_DIFFUSION = dict(num_timesteps=4000, beta_schedule="cosine", model_var_type="learned_range",
+                        loss_type="hybrid")
+
+register(Preset(
+    name="iddpm-cifar10",
+    summary="iDDPM CIFAR-10: ch 128, 3 res blocks, attention 16,8 with 4 heads, AdaGN, learned sigma, dropout 0.3",
+    source="Nichol & Dhariwal 2021; improved-diffusion README (cifar10_uncond_50M_500K.pt)",
+    params=52_546_438,
+    result="NLL 2.94 bits/dim with L_vlb [secondary summary, not checked against the paper text]",
+    checkpoint="cifar10_uncond_50M_500K.pt",
+    config=Config(
+        unet=UNetConfig(image_size=32, channels=128, channel_mult=(1, 2, 2, 2), dropout=0.3, **_IDDPM_UNET),
+        diffusion=DiffusionConfig(**_IDDPM_DIFFUSION),
+        data=DataConfig(dataset="cifar10", image_size=32),
+        train=TrainConfig(batch_size=128, lr=1e-4, warmup_steps=0, max_steps=500_000, ema_decay=0.9999,
+                          out_dir="runs/iddpm-cifar10"),
+    ),
+))
+
+register(Preset(
+    name="iddpm-imagenet64",
+    summary="iDDPM ImageNet 64 unconditional: ch 128, mult 1,2,3,4, 3 res blocks, learned sigma",
+    source="Nichol & Dhariwal 2021; improved-diffusion README (imagenet64_uncond_100M_1500K.pt)",
+    params=121_063_942,
+    result="NLL 3.53 bits/dim with L_vlb [secondary summary, not checked against the paper text]",
+    checkpoint="imagenet64_uncond_100M_1500K.pt",
+    config=Config(
+        unet=UNetConfig(image_size=64, channels=128, channel_mult=(1, 2, 3, 4), dropout=0.0, **_IDDPM_UNET),
+        diffusion=DiffusionConfig(**_IDDPM_DIFFUSION),
+        data=DataConfig(dataset="imagefolder", image_size=64, random_flip=False),
+        train=TrainConfig(batch_size=128, lr=1e-4, warmup_steps=0, max_steps=1_500_000, ema_decay=0.9999,
+                          out_dir="runs/iddpm-imagenet64"),
+    ),
+))
+
+register(Preset(
+    name="iddpm-imagenet64-cond",
+    summary="iDDPM ImageNet 64 class-conditional: ch 192, 3 res blocks, learned sigma, 1000 classes",
+    source="Nichol & Dhariwal 2021; improved-diffusion README (imagenet64_cond_270M_250K.pt)",
+    params=273_049_350,
+    result="released checkpoint; no headline number in PAPER_FACTS",
+    checkpoint="imagenet64_cond_270M_250K.pt",
+    config=Config(
+        unet=UNetConfig(image_size=64, channels=192, channel_mult=(1, 2, 3, 4), dropout=0.0, num_classes=1000,
+                        **_IDDPM_UNET),
+        # rescale_learned_sigmas False in the README flags; with T=4000 our hybrid keeps vb * T/1000.
+        diffusion=DiffusionConfig(**_IDDPM_DIFFUSION),
+        data=DataConfig(dataset="imagefolder", image_size=64, random_flip=False),
+        train=TrainConfig(batch_size=2048, lr=3e-4, warmup_steps=0, max_steps=250_000, ema_decay=0.9999,
+                          out_dir="runs/iddpm-imagenet64-cond"),
+    ),
+))
+
+# ---------------------------------------------------------------------------------------------
+# ADM, Dhariwal & Nichol 2021 (guided-diffusion README flags, paper Tab. 11 and 13):
+# attention at 32,16,8, BigGAN up/down, AdaGN, learned sigma, L_hybrid, EMA 0.9999.
+
+_ADM_UNET = dict(num_res_blocks=2, attention_resolutions=(32, 16, 8), resblock_updown=True,
+                 use_scale_shift_norm=True, learn_sigma=True)
+_ADM_DIFFUSION = dict(num_timesteps=1000, beta_schedule="linear", model_var_type="learned_range", loss_type="hybrid")
+
+
+def _adm(name, summary, params, result, checkpoint, unet, train, diffusion=None, data=None):
+    return register(Preset(
+        name=name, summary=summary, params=params, result=result, checkpoint=checkpoint,
+        source="Dhariwal & Nichol 2021, Tab. 11/13; guided-diffusion README flags",
+        config=Config(
+            unet=UNetConfig(**{**_ADM_UNET, **unet}),
+            diffusion=DiffusionConfig(**{**_ADM_DIFFUSION, **(diffusion or {})}),
+            data=data or DataConfig(dataset="imagefolder", image_size=unet["image_size"], random_flip=True),
+            train=TrainConfig(warmup_steps=0, ema_decay=0.9999, out_dir=f"runs/{name}", **train),
+            sample=SampleConfig(timestep_respacing="250", num_samples=16, batch_size=16),
+        ),
+    ))
+
+
+_adm("adm-imagenet64", "ADM ImageNet 64 conditional: ch 192, 3 res blocks, 64 ch/head, new attention order, cosine",
+     295_904_454, "FID 2.07 (ADM, dropout; Tab. 5)", "64x64_diffusion.pt",
+     dict(image_size=64, channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3, num_head_channels=64,
+          use_new_attention_order=True, dropout=0.1, num_classes=1000),
+     dict(batch_size=2048, lr=3e-4, max_steps=540_000), diffusion=dict(beta_schedule="cosine"))
+_adm("adm-imagenet128", "ADM ImageNet 128 conditional: ch 256, mult 1,1,2,3,4, 4 heads",
+     421_529_606, "FID 5.91 (ADM), 2.97 with classifier guidance (ADM-G; Tab. 5)", "128x128_diffusion.pt",
+     dict(image_size=128, channels=256, channel_mult=(1, 1, 2, 3, 4), num_heads=4, dropout=0.0, num_classes=1000),
+     dict(batch_size=256, lr=1e-4, max_steps=4_360_000))
+_adm("adm-imagenet256", "ADM ImageNet 256 conditional: ch 256, mult 1,1,2,2,4,4, 64 ch/head",
+     553_838_086, "FID 10.94 (ADM), 4.59 with classifier guidance (ADM-G; Tab. 5)", "256x256_diffusion.pt",
+     dict(image_size=256, channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_head_channels=64, dropout=0.0,
+          num_classes=1000),
+     dict(batch_size=256, lr=1e-4, max_steps=1_980_000))
+_adm("adm-imagenet256-uncond", "ADM ImageNet 256 unconditional: as adm-imagenet256 without the class embedding",
+     552_814_086, "FID 26.21; 12.00 with classifier guidance scale 10 (Tab. 4)", "256x256_diffusion_uncond.pt",
+     dict(image_size=256, channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_head_channels=64, dropout=0.0),
+     dict(batch_size=256, lr=1e-4, max_steps=2_000_000))
+_adm("adm-imagenet512", "ADM ImageNet 512 conditional: ch 256, mult 0.5,1,1,2,2,4,4, 64 ch/head",
+     558_997_638, "FID 23.24 (ADM), 7.72 with classifier guidance (ADM-G; Tab. 5)", "512x512_diffusion.pt",
+     dict(image_size=512, channels=256, channel_mult=(0.5, 1, 1, 2, 2, 4, 4), num_head_channels=64, dropout=0.0,
+          num_classes=1000),
+     dict(batch_size=256, lr=1e-4, max_steps=1_940_000))
+for _animal, _steps, _fid, _flip in (("bedroom", 500_000, "1.90", False), ("cat", 200_000, "5.57", True),
+                                    ("horse", 250_000, "2.57", True)):
+    _adm(f"adm-lsun-{_animal}", f"ADM LSUN {_animal.capitalize()} 256: ImageNet-256 architecture, dropout 0.1",
+         552_814_086, f"FID {_fid} (ADM, dropout; Tab. 5)", f"lsun_{_animal}.pt",
+         dict(image_size=256, channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_head_channels=64, dropout=0.1),
+         dict(batch_size=256, lr=1e-4, max_steps=_steps),
+         data=DataConfig(dataset="imagefolder", image_size=256, random_flip=_flip))
+_adm("adm-upsampler-64-256", "ADM-U 64->256 upsampler: ch 192, 4 heads, class-conditional, low-res input concatenated",
+     311_795_910, "FID 3.94 with ADM-G 64x64 base (ADM-G + ADM-U; Tab. 6)", "64_256_upsampler.pt",
+     dict(image_size=256, channels=192, channel_mult=(1, 1, 2, 2, 4, 4), num_heads=4, dropout=0.0, num_classes=1000,
+          super_res=True),
+     dict(batch_size=256, lr=1e-4, max_steps=500_000))
+_adm("adm-upsampler-128-512", "ADM-U 128->512 upsampler: ch 192, 64 ch/head, attention 32,16, class-conditional",
+     308_835_270, "FID 3.85 with ADM-G 128x128 base, 250/250 steps (Tab. 6)", "128_512_upsampler.pt",
+     dict(image_size=512, channels=192, channel_mult=(1, 1, 2, 2, 4, 4), num_head_channels=64,
+          attention_resolutions=(32, 16), dropout=0.0, num_classes=1000, super_res=True),
+     dict(batch_size=256, lr=1e-4, max_steps=1_050_000))
