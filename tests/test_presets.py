@@ -1,0 +1,47 @@
+"""The preset table: names, fresh copies, the diffusion settings of the papers."""
+
+import pytest
+
+from minildm import presets
+
+
+def test_names_and_unknown_preset():
+    names = presets.names()
+    assert len(names) == len(set(names))
+    for expected in ("toy-2d", "toy-shapes", "ddpm-shapes", "ddpm-cifar10", "ddpm-celebahq256", "iddpm-cifar10",
+                     "iddpm-imagenet64", "iddpm-imagenet64-cond", "adm-imagenet64", "adm-imagenet128",
+                     "adm-imagenet256", "adm-imagenet256-uncond", "adm-imagenet512", "adm-lsun-bedroom",
+                     "adm-lsun-cat", "adm-lsun-horse", "adm-upsampler-64-256", "adm-upsampler-128-512"):
+        assert expected in names
+    with pytest.raises(KeyError, match="unknown preset 'ddpm-cifar100'; available presets: toy-2d"):
+        presets.get("ddpm-cifar100")
+
+
+def test_get_returns_a_fresh_copy():
+    first = presets.get("ddpm-cifar10")
+    first.unet.channels = 1
+    assert presets.get("ddpm-cifar10").unet.channels == 128
+
+
+def test_ddpm_paper_diffusion_settings():
+    config = presets.get("ddpm-cifar10")
+    d = config.diffusion
+    assert (d.num_timesteps, d.beta_schedule, d.beta_start, d.beta_end) == (1000, "linear", 1e-4, 0.02)
+    assert (d.model_mean_type, d.loss_type) == ("eps", "simple")
+    t = config.train
+    assert (t.batch_size, t.lr, t.warmup_steps, t.grad_clip, t.ema_decay) == (128, 2e-4, 5000, 1.0, 0.9999)
+
+
+def test_paper_presets_cite_source_params_and_result():
+    for name in presets.names():
+        preset = presets.info(name)
+        assert preset.summary
+        if name.startswith(("ddpm-c", "ddpm-l", "iddpm", "adm")):
+            assert preset.source and preset.result and preset.params > 1_000_000, name
+
+
+def test_adm_recipes():
+    assert presets.get("adm-imagenet64").diffusion.beta_schedule == "cosine"
+    assert presets.get("adm-imagenet256").diffusion.loss_type == "hybrid"
+    assert presets.get("iddpm-cifar10").diffusion.num_timesteps == 4000
+    assert presets.get("adm-imagenet128").unet.num_heads == 4
