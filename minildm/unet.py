@@ -1,0 +1,412 @@
+"""The UNet of DDPM, improved DDPM and ADM: one class, the ADM changes are config toggles.
+
+`UNet(UNetConfig)` follows guided-diffusion's `UNetModel` (openai/guided-diffusion, unet.py) module by
+module, with its state_dict names, so official ADM / iDDPM checkpoints load with `strict=True`:
+
+    time_embed        sinusoidal t-embedding -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C)   [N, 4C]
+    label_emb         Embedding(num_classes, 4C), added to the time embedding (class-conditional)
+    input_blocks      [conv_in] then per level: num_res_blocks x (ResBlock [+ AttentionBlock]) and a
+                      downsampler (strided conv, or a BigGAN ResBlock(down=True)) except at the last level
+    middle_block      ResBlock, AttentionBlock, ResBlock
+    output_blocks     per level (deepest first): num_res_blocks+1 x (ResBlock on cat([h, skip])
+                      [+ AttentionBlock]) and an upsampler except at level 0
+    out               GroupNorm -> SiLU -> zero-initialised conv to out_channels (x2 if learn_sigma)
+
+The toggles, with the paper that introduced them:
+- `use_scale_shift_norm`: AdaGN, GN(h) * (1 + scale) + shift from the embedding (ADM Sec. 3, Tab. 3);
+  off: the embedding is added to h (DDPM).
+- `resblock_updown`: BigGAN-style residual up/downsampling (ADM Sec. 3); off: conv resampling (DDPM).
+- `attention_resolutions` (feature-map sides, e.g. (32, 16, 8)), `num_heads` / `num_head_channels`,
+  `num_heads_upsample`, `use_new_attention_order` (ADM Sec. 3, Tab. 2; see attention.py).
+- `learn_sigma`: 2 x out_channels, the second half is the interpolation v of iDDPM Eq. (15).
+- `num_classes`: class-conditional; `super_res`: ADM-U upsampler, forward(..., low_res=...) concatenates
+  the bilinearly upsampled low-resolution image (guided-diffusion `SuperResModel`).
+- `use_checkpoint`: gradient checkpointing of every ResBlock and AttentionBlock (less memory, ~30% slower).
+
+DDPM = ADM with the toggles off. The DDPM presets are built in guided-diffusion's layout, which has the
+same parameter count as Ho et al.'s TensorFlow model (35,746,307 for CIFAR10, 113,673,219 at 256x256) but
+is not numerically the same function: the TF code embeds t as [sin | cos] with frequencies divided by
+half-1 (ours: [cos | sin], divided by half, `layers.timestep_embedding_adm`), uses GroupNorm eps 1e-6
+(ours 1e-5), pads its stride-2 downsampling conv asymmetrically (TF 'SAME', ours symmetric padding 1) and
+uses four separate 1x1 q/k/v/proj layers (ours one qkv conv + proj_out). So DDPM's TF checkpoints would
+need a converter and would still differ slightly; trained from scratch the two behave the same.
+
+Convention: `attention_resolutions` are feature-map sides everywhere in minildm (16 means 16x16).
+guided-diffusion's constructor takes downsample factors instead; `config_from_original` is the one place
+that converts (side = image_size // factor).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minildm.attention import AttentionBlock
+from minildm.config import UNetConfig
+from minildm.layers import count_parameters, normalization, timestep_embedding_adm, zero_module
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (guided-diffusion names: `op`, `conv`, `in_layers`, `emb_layers`, `out_layers`, ...)
+
+
+class Downsample(nn.Module):
+    """Halve the side: 3x3 conv with stride 2, symmetric padding 1 (`use_conv`) or 2x2 average pooling.
+
+    x: [N, C, H, W] -> [N, out_channels, H/2, W/2].
+    """
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        if use_conv:
+            self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+        else:
+            if out_channels != channels:
+                raise ValueError("average-pool downsampling cannot change the number of channels")
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double the side: nearest-neighbour x2, then a 3x3 conv if `use_conv`. [N, C, H, W] -> [N, C', 2H, 2W]."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        elif out_channels != channels:
+            raise ValueError("nearest-neighbour upsampling without a conv cannot change the number of channels")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the embedding: x + out_layers(in_layers(x) (+) emb).
+
+    x: [N, channels, H, W], emb: [N, emb_channels] -> [N, out_channels, H', W'] (H' = 2H if up, H/2 if down).
+    in_layers = GN, SiLU, conv3x3; emb_layers = SiLU, Linear; out_layers = GN, SiLU, Dropout, conv3x3 (zero init).
+    With `use_scale_shift_norm` (AdaGN) the embedding gives (scale, shift) for out_layers' GN:
+    h = GN(h) * (1 + scale) + shift; otherwise it is added to h (DDPM). With `up`/`down` (BigGAN-style) both
+    branches are resampled after in_layers' GN+SiLU and before its conv.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
+                 use_conv: bool = False, use_scale_shift_norm: bool = False, use_checkpoint: bool = False,
+                 up: bool = False, down: bool = False):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.use_checkpoint = use_checkpoint
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        if out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 3, padding=1)
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            # BigGAN up/down: GN, SiLU, resample both branches, then the conv.
+            h = self.in_layers[:-1](x)
+            h, x = self.h_upd(h), self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]  # [N, C or 2C, 1, 1]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)  # scale first, as in guided-diffusion
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers; the ResBlocks (and attention blocks) among them also receive the embedding."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The UNet
+
+
+class UNet(nn.Module):
+    """DDPM / iDDPM / ADM UNet: model(x_t, t, y=None, context=None, low_res=None) -> [N, C_out, H, W].
+
+    x_t: [N, in_channels, H, W] with H = W divisible by 2^(levels-1); t: [N] (int64, or float for
+    rescaled timesteps); y: [N] int64 class labels (class-conditional models only); low_res:
+    [N, in_channels, h, w] (super_res models only). C_out = out_channels * (2 if learn_sigma else 1).
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        _check_config(config)
+        base = config.channels
+        emb_dim = 4 * base
+        num_heads_up = config.num_heads_upsample if config.num_heads_upsample != -1 else config.num_heads
+        attention = dict(num_head_channels=config.num_head_channels,
+                         use_new_attention_order=config.use_new_attention_order, use_checkpoint=config.use_checkpoint)
+        resblock = dict(emb_channels=emb_dim, dropout=config.dropout, use_checkpoint=config.use_checkpoint,
+                        use_scale_shift_norm=config.use_scale_shift_norm)
+        # For describe(): top-level block name -> (channels, feature-map side) of its output.
+        self.block_shapes: dict[str, tuple[int, int]] = {}
+
+        self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if config.num_classes > 0:
+            self.label_emb = nn.Embedding(config.num_classes, emb_dim)
+
+        # Down path. `skip_channels` remembers the width of every input block's output (the skips).
+        in_channels = config.in_channels * (2 if config.super_res else 1)
+        ch = int(config.channel_mult[0] * base)
+        side = config.image_size
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        self.block_shapes["input_blocks.0"] = (ch, side)
+        skip_channels = [ch]
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                layers = [ResBlock(ch, out_channels=int(mult * base), **resblock)]
+                ch = int(mult * base)
+                if side in config.attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads=config.num_heads, **attention))
+                self._add(self.input_blocks, "input_blocks", layers, ch, side)
+                skip_channels.append(ch)
+            if level != len(config.channel_mult) - 1:
+                side //= 2
+                down = (ResBlock(ch, out_channels=ch, down=True, **resblock) if config.resblock_updown
+                        else Downsample(ch, config.conv_resample, out_channels=ch))
+                self._add(self.input_blocks, "input_blocks", [down], ch, side)
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, **resblock),
+            AttentionBlock(ch, num_heads=config.num_heads, **attention),
+            ResBlock(ch, **resblock),
+        )
+        self.block_shapes["middle_block"] = (ch, side)
+
+        # Up path: every block consumes one skip (last in, first out).
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(config.channel_mult))[::-1]:
+            for i in range(config.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), out_channels=int(base * mult), **resblock)]
+                ch = int(base * mult)
+                if side in config.attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads=num_heads_up, **attention))
+                if level and i == config.num_res_blocks:
+                    layers.append(ResBlock(ch, out_channels=ch, up=True, **resblock) if config.resblock_updown
+                                  else Upsample(ch, config.conv_resample, out_channels=ch))
+                    side *= 2
+                self._add(self.output_blocks, "output_blocks", layers, ch, side)
+
+        out_channels = config.out_channels * (2 if config.learn_sigma else 1)
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.block_shapes["out"] = (out_channels, side)
+
+    def _add(self, blocks: nn.ModuleList, name: str, layers: list, ch: int, side: int) -> None:
+        self.block_shapes[f"{name}.{len(blocks)}"] = (ch, side)
+        blocks.append(TimestepEmbedSequential(*layers))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, low_res: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the model output (eps, and v if learn_sigma) for x_t at timesteps t; shapes in the class doc."""
+        t = self._check_inputs(x_t, t, y, context, low_res)
+        if self.config.super_res:
+            # ADM-U: condition on the low-resolution image, bilinearly upsampled to x_t's size.
+            upsampled = F.interpolate(low_res, x_t.shape[-2:], mode="bilinear")
+            x_t = torch.cat([x_t, upsampled.to(x_t.dtype)], dim=1)
+
+        emb = timestep_embedding_adm(t, self.config.channels)  # [N, C], float32
+        emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))  # [N, 4C]
+        if self.config.num_classes > 0:
+            emb = emb + self.label_emb(y)
+
+        h, skips = x_t, []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+    def _check_inputs(self, x_t, t, y, context, low_res) -> torch.Tensor:
+        """Raise a ValueError that says what to change; return t as a [N] tensor."""
+        cfg = self.config
+        if x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
+            raise ValueError(f"x_t must be [N, {cfg.in_channels}, H, W] (unet.in_channels={cfg.in_channels}); "
+                             f"got shape {tuple(x_t.shape)}")
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if x_t.shape[-1] % factor or x_t.shape[-2] % factor:
+            raise ValueError(f"image side {tuple(x_t.shape[-2:])} is not divisible by {factor}, which this UNet's "
+                             f"{len(cfg.channel_mult)} levels need; resize to a multiple of {factor} "
+                             f"(unet.image_size={cfg.image_size})")
+        n = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise ValueError(f"t must be a scalar or have shape [{n}] (one timestep per sample); got {tuple(t.shape)}")
+        if cfg.num_classes > 0 and y is None:
+            raise ValueError(f"y is required: this UNet is class-conditional (unet.num_classes={cfg.num_classes}); "
+                             "pass y=<[N] int64 labels> or use a config with num_classes=0")
+        if cfg.num_classes == 0 and y is not None:
+            raise ValueError("y is not used by this UNet: it is unconditional (unet.num_classes=0); "
+                             "drop y or set unet.num_classes to the number of classes")
+        if y is not None and y.shape != (n,):
+            raise ValueError(f"y must be [{n}] class labels; got shape {tuple(y.shape)}")
+        if context is not None:
+            raise ValueError("context is not used by this UNet (it has no cross-attention); drop context=..., "
+                             "or use a latent-diffusion UNet with cross-attention for [N, L, D] conditioning")
+        if cfg.super_res and low_res is None:
+            raise ValueError("low_res is required: this is a super-resolution UNet (unet.super_res=True); "
+                             f"pass low_res=<[N, {cfg.in_channels}, h, w] image in [-1, 1]>")
+        if not cfg.super_res and low_res is not None:
+            raise ValueError("low_res is not used by this UNet (unet.super_res=False); drop it or use an upsampler")
+        if low_res is not None and (low_res.ndim != 4 or low_res.shape[:2] != x_t.shape[:2]):
+            raise ValueError(f"low_res must be [{n}, {cfg.in_channels}, h, w]; got shape {tuple(low_res.shape)}")
+        return t
+
+
+def _check_config(config: UNetConfig) -> None:
+    """Reject configurations the UNet would otherwise build silently wrong."""
+    if not config.channel_mult:
+        raise ValueError("unet.channel_mult must name at least one level, e.g. (1, 2, 2, 2)")
+    sides = [config.image_size // 2**level for level in range(len(config.channel_mult))]
+    if config.image_size % 2 ** (len(config.channel_mult) - 1):
+        raise ValueError(f"unet.image_size={config.image_size} must be divisible by 2^(levels-1) = "
+                         f"{2 ** (len(config.channel_mult) - 1)} for channel_mult={config.channel_mult}")
+    unreached = [r for r in config.attention_resolutions if r not in sides]
+    if unreached:
+        raise ValueError(f"unet.attention_resolutions {unreached} are not feature-map sides of this UNet "
+                         f"(sides are {sides}); attention_resolutions are sides like 16 (=16x16), not factors")
+    for mult in config.channel_mult:
+        if int(mult * config.channels) != mult * config.channels:
+            raise ValueError(f"channel_mult {mult} x channels {config.channels} is not a whole number of channels")
+
+
+# ---------------------------------------------------------------------------------------------
+# Official checkpoints and descriptions
+
+
+def config_from_original(kwargs: dict, super_res: bool = False) -> UNetConfig:
+    """UNetConfig equivalent to guided-diffusion / improved-diffusion `UNetModel(**kwargs)`.
+
+    The one place where the originals' attention *downsample factors* become feature-map sides
+    (side = image_size // factor). `super_res=True` for `SuperResModel`, whose in_channels are doubled.
+    """
+    image_size = kwargs["image_size"]
+    in_channels = kwargs.get("in_channels", 3)
+    if super_res:
+        in_channels //= 2
+    learn_sigma = kwargs["out_channels"] == 2 * in_channels
+    return UNetConfig(
+        image_size=image_size,
+        in_channels=in_channels,
+        out_channels=kwargs["out_channels"] // (2 if learn_sigma else 1),
+        channels=kwargs["model_channels"],
+        channel_mult=tuple(kwargs.get("channel_mult", (1, 2, 4, 8))),
+        num_res_blocks=kwargs["num_res_blocks"],
+        attention_resolutions=tuple(image_size // ds for ds in kwargs["attention_resolutions"]),
+        dropout=kwargs.get("dropout", 0.0),
+        num_heads=kwargs.get("num_heads", 1),
+        num_head_channels=kwargs.get("num_head_channels", -1),
+        num_heads_upsample=kwargs.get("num_heads_upsample", -1),
+        use_scale_shift_norm=kwargs.get("use_scale_shift_norm", False),
+        resblock_updown=kwargs.get("resblock_updown", False),
+        use_new_attention_order=kwargs.get("use_new_attention_order", False),
+        conv_resample=kwargs.get("conv_resample", True),
+        learn_sigma=learn_sigma,
+        num_classes=kwargs.get("num_classes") or 0,
+        super_res=super_res,
+        use_checkpoint=kwargs.get("use_checkpoint", False),
+    )
+
+
+def convert_official_state_dict(state_dict: dict, prefix: str = "") -> dict:
+    """Official guided-diffusion / improved-diffusion UNet state_dict -> minildm `UNet` state_dict.
+
+    Our module names are guided-diffusion's, so this is the identity on names (the one place to add a
+    renaming if ever needed). `prefix` (e.g. "module.") is stripped; keys without it raise a KeyError.
+    Values are passed through untouched (tensors, or shapes when checking a key manifest).
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            raise KeyError(f"checkpoint key {key!r} does not start with the expected prefix {prefix!r}")
+        converted[key[len(prefix):]] = value
+    return converted
+
+
+def describe(model: UNet) -> str:
+    """A table of the UNet, block by block: output channels x side, parameters; then totals per level."""
+    rows = [f"{'block':<18} {'output':>14} {'params':>13}  layers"]
+    for name, module in model.named_children():
+        blocks = list(module.named_children()) if isinstance(module, nn.ModuleList) else [(None, module)]
+        for index, block in blocks:
+            key = name if index is None else f"{name}.{index}"
+            kinds = ", ".join(type(layer).__name__ for layer in block.children()) if key != "time_embed" else "MLP"
+            if key in model.block_shapes:
+                ch, side = model.block_shapes[key]
+                shape = f"{ch} x {side}x{side}"
+            else:
+                shape = ""
+            if isinstance(block, nn.Embedding):
+                kinds = "Embedding"
+            rows.append(f"{key:<18} {shape:>14} {count_parameters(block):>13,}  {kinds}")
+    rows.append("")
+    rows.append(f"{'feature-map side':<18} {'down':>13} {'up':>13}")
+    for side, (down, up) in parameters_per_level(model).items():
+        rows.append(f"{side:<18} {down:>13,} {up:>13,}")
+    rows.append(f"{'total':<18} {count_parameters(model):>13,}")
+    return "\n".join(rows)
+
+
+def parameters_per_level(model: UNet) -> "OrderedDict[int, tuple[int, int]]":
+    """Parameters of the down path and the up path at each feature-map side (middle block counted at its side
+    under 'down'; the down/upsampler counted at the side it outputs)."""
+    levels: OrderedDict[int, list[int]] = OrderedDict()
+    for name in ("input_blocks", "middle_block", "output_blocks"):
+        module = getattr(model, name)
+        blocks = list(module.named_children()) if name != "middle_block" else [(None, module)]
+        for index, block in blocks:
+            key = name if index is None else f"{name}.{index}"
+            side = model.block_shapes[key][1]
+            counts = levels.setdefault(side, [0, 0])
+            counts[name == "output_blocks"] += count_parameters(block)
+    return OrderedDict((side, tuple(c)) for side, c in levels.items())
