@@ -351,6 +351,17 @@ def image_folder(path: str | Path, image_size: int = 256, random_flip: bool = Tr
     return dataset
 
 
+def photo(image_size: int = 256) -> torch.Tensor:
+    """A real photograph that ships with matplotlib (Grace Hopper, 512x600), centre-cropped to a square
+    and resized (antialiased bicubic) to image_size: [3, image_size, image_size] in [-1, 1]."""
+    import matplotlib.cbook
+    from PIL import Image
+
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as image:
+        transform = _image_transform(image_size, random_flip=False, resize=True)
+        return transform(image.convert("RGB"))
+
+
 # ---------------------------------------------------------------------------------------------
 # One entry point for configs, and batches for the training loop.
 

@@ -218,3 +218,12 @@ def test_infinite_batches_resume_exactly_and_split_across_ranks():
     assert not torch.equal(ranks[0], ranks[1])
     with pytest.raises(ValueError, match="batch_size"):
         next(data.infinite_batches(dataset, 64))
+
+
+def test_photo_is_a_real_image_at_any_size():
+    x = data.photo(64)
+    assert x.shape == (3, 64, 64) and -1 <= x.min() < -0.5 and 0.5 < x.max() <= 1
+    small = data.photo(16)
+    pooled = torch.nn.functional.avg_pool2d(x[None], 4)[0]
+    correlation = torch.corrcoef(torch.stack([pooled.flatten(), small.flatten()]))[0, 1]
+    assert correlation > 0.95  # the same picture at two resolutions
