@@ -68,8 +68,9 @@ def test_respacing_all_steps_is_the_identity():
     betas = schedules.beta_schedule("cosine", 100)
     np.testing.assert_allclose(schedules.respace_betas(betas, range(100)), betas, rtol=1e-13)
     kept = schedules.space_timesteps(100, "10")
+    # the product of the respaced (1 - beta') telescopes back to alpha_bar (3e-12 relative at alpha_bar ~ 2e-7)
     np.testing.assert_allclose(schedules.alpha_bar(schedules.respace_betas(betas, kept)),
-                               schedules.alpha_bar(betas)[kept], rtol=1e-13)
+                               schedules.alpha_bar(betas)[kept], rtol=1e-10)
 
 
 # ---------------------------------------------------------------------- parity with the originals
