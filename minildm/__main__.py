@@ -1,0 +1,231 @@
+"""Command line: `python -m minildm {presets,train,sample,bpd,info} ...` (also installed as `minildm`).
+
+    python -m minildm presets                                   # the preset table, with parameter counts
+    python -m minildm train toy-shapes train.max_steps=500      # train a preset, key=value overrides
+    python -m minildm train ddpm-cifar10 --out runs/cifar       # the DDPM CIFAR10 GPU run
+    torchrun --nproc_per_node 8 -m minildm train ddpm-cifar10   # the same on 8 GPUs (global batch 128)
+    python -m minildm train ddpm-cifar10 --resume               # continue where the checkpoint stopped
+    python -m minildm sample runs/toy-shapes/checkpoint.safetensors --num 16 --steps 50 --out grid.png
+    python -m minildm sample adm-imagenet64 --steps 25           # an official checkpoint, downloaded once
+    python -m minildm bpd runs/toy-shapes/checkpoint.safetensors --num 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES = __doc__.split("\n\n", 1)[1]
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 for a usage error with a message)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        # Errors that say what to change (unknown preset or key, bad value, missing file): no traceback.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"minildm {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minildm", description="minildm: train, sample and evaluate the course's diffusion models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = commands.add_parser("presets", help="list the presets: name, parameters, summary",
+                            description="List every preset with its parameter count (exact count of the original "
+                                        "network for paper presets) and summary.")
+    p.add_argument("--verify", action="store_true",
+                   help="also build every minildm model on the meta device and check its parameter count")
+    p.set_defaults(run=_presets)
+
+    p = commands.add_parser("train", help="train a preset (key=value overrides; torchrun for several GPUs)",
+                            description="Train PRESET. Overrides use the config syntax section.field=value, e.g. "
+                                        "train.lr=1e-4 unet.dropout=0.0 data.root=/data. Under torchrun the global "
+                                        "batch train.batch_size is split across the processes.")
+    p.add_argument("preset", help="preset name (see `python -m minildm presets`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=1000")
+    p.add_argument("--out", help="output folder for checkpoint, samples and log (default: train.out_dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint.safetensors (without it an existing checkpoint is an error)")
+    p.add_argument("--max-steps", type=int, help="total number of steps (same as train.max_steps=N)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser("sample", help="write a PNG grid of samples from a checkpoint",
+                            description="Sample from CHECKPOINT (a .safetensors file written by training, or the "
+                                        "name of a preset with an official checkpoint, downloaded on first use).")
+    p.add_argument("checkpoint", help="checkpoint file, or a preset name such as adm-imagenet64")
+    p.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="DDIM or ancestral DDPM (default ddim)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps, respaced evenly over T (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights when the checkpoint has them (default: yes)")
+    p.add_argument("--class", dest="label", type=int, help="class label for class-conditional models "
+                                                           "(default: cycle over the classes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(run=_sample)
+
+    p = commands.add_parser("bpd", help="bits/dim (the variational bound) on held-out data",
+                            description="Negative log-likelihood bound in bits/dim (Ho et al. 2020, Eq. 5) of "
+                                        "CHECKPOINT on the first NUM items of the held-out split of its dataset. "
+                                        "One network call per timestep per batch: T=1000 is slow on a CPU.")
+    p.add_argument("checkpoint", help="checkpoint file written by training")
+    p.add_argument("--num", type=int, default=64, help="number of held-out items (default 64)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, help="evaluate the bound of the chain respaced to this many steps "
+                                             "(default: all T steps, the paper's number)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.set_defaults(run=_bpd)
+
+    p = commands.add_parser("info", help="print a checkpoint's metadata: step, version, config")
+    p.add_argument("checkpoint")
+    p.set_defaults(run=_info)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _presets(args) -> int:
+    import minildm
+    from minildm import presets
+
+    print(f"{'preset':<24} {'params':>13}  summary")
+    for name in presets.names():
+        preset = presets.info(name)
+        params, note = preset.params, ""
+        if params is None or args.verify:
+            built = sum(p.numel() for p in minildm.build_model(preset.config, device="meta").parameters())
+            if params is not None and built != params:
+                note = f" [minildm builds {built:,}]"
+            params = built
+        print(f"{name:<24} {params:>13,}  {preset.summary}{note}")
+    return 0
+
+
+def _train(args) -> int:
+    import os
+
+    from minildm import checkpoints, config as config_lib, presets, train
+
+    config = config_lib.override(presets.get(args.preset), args.overrides)
+    out = Path(args.out or config.train.out_dir)
+    existing = out / train.CHECKPOINT
+    if existing.is_file() and not args.resume:
+        step = checkpoints.read_metadata(existing)["step"]
+        raise ValueError(f"{existing} already exists (step {step}); pass --resume to continue that run, "
+                         f"or --out <folder> to start a new one")
+    config.train.out_dir = str(out)
+    main_process = os.environ.get("RANK", "0") == "0"
+    if main_process and not args.quiet:
+        print(f"training {args.preset} -> {out}" + (f" (overrides: {' '.join(args.overrides)})" if args.overrides else ""))
+    train.train(config, resume=args.resume, max_steps=args.max_steps, device=args.device, verbose=not args.quiet)
+    if main_process and not args.quiet and config.train.save_every > 0:
+        print(f"checkpoint: {existing}")
+    return 0
+
+
+def _load(args):
+    """(model to use, config) from a checkpoint file or an official preset name."""
+    from minildm import checkpoints, presets
+
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    path = Path(args.checkpoint)
+    if not path.exists() and args.checkpoint in presets.names():
+        model, config = checkpoints.load_official(args.checkpoint, device=device)
+        return model, config
+    loaded = checkpoints.load(path, device=device, ema=args.ema)
+    return (loaded.ema if args.ema and loaded.ema is not None else loaded.model), loaded.config
+
+
+def _sample(args) -> int:
+    import minildm
+    from minildm import train
+
+    model, config = _load(args)
+    if config.unet.super_res and config.model == "unet":
+        raise ValueError("super-resolution models need low-resolution inputs; sample them from Python "
+                         "(model_kwargs={'low_res': ...})")
+    y = None
+    if args.label is not None:
+        y = [args.label] * args.num
+    samples = train.generate(model, minildm.build_diffusion(config), config, args.num, sampler=args.sampler,
+                             steps=args.steps, eta=args.eta, seed=args.seed, y=y, progress_bar=True)
+    path = train.save_grid(samples, args.out)
+    print(f"wrote {len(samples)} samples to {path}")
+    return 0
+
+
+def _bpd(args) -> int:
+    import torch
+
+    import minildm
+    from minildm import data, schedules
+
+    model, config = _load(args)
+    if config.model != "unet":
+        raise ValueError("bits/dim is defined for images on the 256-level grid; this checkpoint is a 2-D toy")
+    diffusion = minildm.build_diffusion(config)
+    dataset = data.build_dataset(config.data, train=False)
+    num = min(args.num, len(dataset))
+    timesteps = None
+    if args.steps:
+        timesteps = schedules.space_timesteps(diffusion.num_timesteps, str(args.steps))
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(args.seed)
+    totals = []
+    for start in range(0, num, args.batch_size):
+        items = [dataset[i] for i in range(start, min(start + args.batch_size, num))]
+        x0 = torch.stack([item[0] for item in items]).to(device)
+        y = torch.tensor([item[1] for item in items], device=device)
+        kwargs = {"y": y} if config.unet.num_classes > 0 else None
+        result = diffusion.bits_per_dim(model, x0, model_kwargs=kwargs, timesteps=timesteps, generator=generator,
+                                        progress=True)
+        totals.append(result["total_bpd"].cpu())
+    totals = torch.cat(totals).double()
+    stderr = totals.std().item() / len(totals) ** 0.5 if len(totals) > 1 else float("nan")
+    chain = f"{len(timesteps)}-step respaced chain" if timesteps else f"T={diffusion.num_timesteps}"
+    print(f"bits/dim: {totals.mean().item():.4f} +- {stderr:.4f} (held-out {config.data.dataset}, n={num}, {chain})")
+    return 0
+
+
+def _info(args) -> int:
+    import json
+
+    from minildm import checkpoints
+
+    metadata = checkpoints.read_metadata(args.checkpoint)
+    keys = metadata.pop("keys")
+    metadata.pop("optimizer", None)
+    print(json.dumps(metadata, indent=2))
+    print(f"{sum(k.startswith('model.') for k in keys)} model tensors, "
+          f"{sum(k.startswith('ema.') for k in keys)} EMA tensors, "
+          f"{sum(k.startswith('optimizer.') for k in keys)} optimizer tensors")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

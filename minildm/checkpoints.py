@@ -1,0 +1,341 @@
+"""Checkpoints: one safetensors file per checkpoint, and the official OpenAI weights.
+
+A minildm checkpoint is a single `.safetensors` file written atomically (temporary file, then
+`os.replace`), so a crash during a save never leaves a half-written checkpoint behind:
+
+    tensors   model.<name>                    the network (guided-diffusion key names)
+              ema.<name>                      its exponential moving average (optional)
+              optimizer.state.<i>.<name>      AdamW moments and step counts (training checkpoints)
+              rng.<name>                      random-generator states (training checkpoints)
+    metadata  JSON strings in the safetensors header: format, minildm version, step, the resolved
+              config (`minildm.config.to_dict`), optimizer param groups, GradScaler state
+
+Why one file: the header is plain JSON that any safetensors reader shows, nothing is unpickled on
+load (no code can run from a checkpoint), and weights and trainer state can never get out of step.
+`load` reads only the tensors it needs (safetensors maps the file lazily); a checkpoint meant for
+sharing is saved without the optimizer (`save(path, model, config, ema=ema)`), a third of the size.
+
+    >>> from minildm import checkpoints
+    >>> checkpoints.save("run.safetensors", model, config, ema=ema, step=1000)
+    >>> model, config, ema, step, metadata = checkpoints.load("run.safetensors")
+
+Official checkpoints (guided-diffusion, improved-diffusion) are pickled `.pt` state dicts:
+`load_official("adm-imagenet64")` downloads the preset's file (or finds it where you put it),
+reads it with `torch.load(weights_only=True)`, converts the keys and loads them strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import minildm
+from minildm import config as config_lib
+from minildm import presets
+
+FORMAT = "minildm.checkpoint/1"
+
+# Released files: guided-diffusion README (jul-2021) and improved-diffusion README (march-2021).
+_GUIDED = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
+_IMPROVED = "https://openaipublic.blob.core.windows.net/diffusion/march-2021/"
+OFFICIAL_URLS = {
+    **{name: _GUIDED + name for name in (
+        "64x64_diffusion.pt", "128x128_diffusion.pt", "256x256_diffusion.pt", "256x256_diffusion_uncond.pt",
+        "512x512_diffusion.pt", "64_256_upsampler.pt", "128_512_upsampler.pt", "lsun_bedroom.pt", "lsun_cat.pt",
+        "lsun_horse.pt", "lsun_horse_nodropout.pt", "64x64_classifier.pt", "128x128_classifier.pt",
+        "256x256_classifier.pt", "512x512_classifier.pt")},
+    **{name: _IMPROVED + name for name in (
+        "cifar10_uncond_50M_500K.pt", "cifar10_uncond_vlb_50M_500K.pt", "imagenet64_uncond_100M_1500K.pt",
+        "imagenet64_uncond_vlb_100M_1500K.pt", "imagenet64_cond_270M_250K.pt", "upsample_cond_500K.pt",
+        "lsun_uncond_100M_1200K_bs128.pt", "lsun_uncond_100M_2400K_bs64.pt")},
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read, or whose weights do not fit the model."""
+
+
+class Loaded(NamedTuple):
+    """What `load` returns: the rebuilt network (eval mode), its config, the EMA copy (or None), step, metadata."""
+
+    model: torch.nn.Module
+    config: config_lib.Config
+    ema: torch.nn.Module | None
+    step: int
+    metadata: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, rng=None, extra=None) -> Path:
+    """Write a checkpoint atomically; returns its path.
+
+    model / ema: modules (a DDP or compiled wrapper is unwrapped). optimizer / scaler / rng
+    (dict name -> uint8 tensor) make it a training checkpoint that `load_training_state` resumes exactly.
+    extra: a JSON-serialisable dict stored in the metadata.
+    """
+    path = Path(path)
+    tensors = {f"model.{k}": v for k, v in _state_dict(model).items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in _state_dict(ema).items()})
+    metadata = {
+        "format": FORMAT,
+        "minildm_version": minildm.__version__,
+        "torch_version": torch.__version__,
+        "step": str(int(step)),
+        "config": json.dumps(config_lib.to_dict(config)),
+        "has_ema": json.dumps(ema is not None),
+        "extra": json.dumps(extra or {}),
+    }
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        scalars = {}
+        for index, param_state in state["state"].items():
+            for name, value in param_state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.state.{index}.{name}"] = value
+                else:
+                    scalars.setdefault(str(index), {})[name] = value
+        metadata["optimizer"] = json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
+    if scaler is not None:
+        metadata["scaler"] = json.dumps(scaler.state_dict())
+    for name, value in (rng or {}).items():
+        tensors[f"rng.{name}"] = value
+    # safetensors wants contiguous CPU tensors that share no memory (channels_last is not contiguous).
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _state_dict(module) -> dict:
+    module = getattr(module, "_orig_mod", module)  # torch.compile
+    module = getattr(module, "module", module)  # DistributedDataParallel
+    return module.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_metadata(path) -> dict:
+    """The checkpoint's header as Python data: format, versions, step (int), config (dict), has_ema, ..."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            raw = file.metadata() or {}
+            keys = list(file.keys())
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({error}); the file is truncated or corrupted. "
+            "Copy or download it again (minildm writes checkpoints atomically, so an interrupted save "
+            "leaves the previous file intact)") from None
+    if raw.get("format") != FORMAT:
+        hint = " For official OpenAI .pt files use checkpoints.load_official." if path.suffix == ".pt" else ""
+        raise CheckpointError(f"{path} is a safetensors file but not a minildm checkpoint (format "
+                              f"{raw.get('format')!r}, expected {FORMAT!r}).{hint}")
+    metadata = dict(raw)
+    metadata["step"] = int(raw["step"])
+    for name in ("config", "has_ema", "extra", "optimizer", "scaler"):
+        if name in raw:
+            metadata[name] = json.loads(raw[name])
+    metadata["keys"] = keys
+    return metadata
+
+
+def load(path, *, device="cpu", ema=True) -> Loaded:
+    """Rebuild the network of a checkpoint with `minildm.build_model` and load its weights strictly.
+
+    Returns `Loaded(model, config, ema, step, metadata)`; both modules are in eval mode on `device`.
+    ema=False skips building the EMA copy. Raises `CheckpointError` naming every missing,
+    unexpected or mis-shaped key if the weights do not fit the architecture of the stored config.
+    """
+    metadata = read_metadata(path)
+    config = config_lib.from_dict(metadata["config"])
+    tensors = _read_tensors(path, ("model.", "ema.") if ema else ("model.",), device)
+    model = minildm.build_model(config, device=device)
+    load_weights(model, _strip(tensors, "model."), source=f"{path} (model)")
+    model.eval()
+    ema_model = None
+    if ema and metadata["has_ema"]:
+        ema_model = minildm.build_model(config, device=device)
+        load_weights(ema_model, _strip(tensors, "ema."), source=f"{path} (ema)")
+        ema_model.eval().requires_grad_(False)
+    return Loaded(model, config, ema_model, metadata["step"], metadata)
+
+
+def load_training_state(path, model, *, ema=None, optimizer=None, scaler=None) -> dict:
+    """Restore a training checkpoint into existing objects; returns {"step", "rng", "extra", "config"}.
+
+    model / ema / optimizer / scaler are modified in place (weights strictly checked).
+    """
+    metadata = read_metadata(path)
+    device = next(iter(_state_dict(model).values())).device
+    tensors = _read_tensors(path, ("model.", "ema.", "optimizer.", "rng."), device)
+    load_weights(_unwrap(model), _strip(tensors, "model."), source=f"{path} (model)")
+    if ema is not None:
+        if not metadata["has_ema"]:
+            raise CheckpointError(f"{path} has no EMA weights; it cannot resume a run that keeps an EMA")
+        load_weights(_unwrap(ema), _strip(tensors, "ema."), source=f"{path} (ema)")
+    if optimizer is not None:
+        if "optimizer" not in metadata:
+            raise CheckpointError(f"{path} has no optimizer state (it was saved for sharing, not for resuming); "
+                                  "start a new run from its weights instead")
+        saved = metadata["optimizer"]
+        state = {}
+        for key, value in _strip(tensors, "optimizer.state.").items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        for index, scalars in saved["scalars"].items():
+            state.setdefault(int(index), {}).update(scalars)
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    if scaler is not None and metadata.get("scaler"):
+        scaler.load_state_dict(metadata["scaler"])
+    rng = {k: v.cpu() for k, v in _strip(tensors, "rng.").items()}
+    return {"step": metadata["step"], "rng": rng, "extra": metadata["extra"], "config": metadata["config"]}
+
+
+def load_weights(model, state_dict, *, source="checkpoint") -> None:
+    """`model.load_state_dict(state_dict, strict=True)` with one clear error listing every difference."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"the weights in {source} do not fit this {type(model).__name__}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        lines.append("Build the model from the config the weights were trained with "
+                     "(checkpoints.load does this from the stored config).")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _read_tensors(path, prefixes, device) -> dict:
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as file:
+            return {k: file.get_tensor(k) for k in file.keys() if k.startswith(tuple(prefixes))}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: cannot read tensors ({error}); the file is truncated or corrupted. "
+                              "Copy or download it again.") from None
+
+
+def _strip(tensors, prefix) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _unwrap(module):
+    module = getattr(module, "_orig_mod", module)
+    return getattr(module, "module", module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Official checkpoints (guided-diffusion / improved-diffusion)
+
+
+def official_dir() -> Path:
+    """Where official checkpoints are kept: $MINILDM_CHECKPOINTS, else data/checkpoints/official of a
+    source checkout, else ~/.cache/minildm/official."""
+    if os.environ.get("MINILDM_CHECKPOINTS"):
+        return Path(os.environ["MINILDM_CHECKPOINTS"])
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").is_file() and (repo / "data").is_dir():
+        return repo / "data" / "checkpoints" / "official"
+    return Path.home() / ".cache" / "minildm" / "official"
+
+
+def official_url(name: str) -> str:
+    """Download URL of a preset's official checkpoint (`name` is a preset or a released file name)."""
+    filename = _official_filename(name)
+    return OFFICIAL_URLS[filename]
+
+
+def fetch_official(name: str, *, directory=None) -> Path:
+    """Path of the official checkpoint of preset `name`, downloading it on first use.
+
+    Offline, raises `ConnectionError` naming the URL and where to put the file by hand.
+    """
+    filename = _official_filename(name)
+    url = OFFICIAL_URLS[filename]
+    directory = Path(directory) if directory is not None else official_dir()
+    path = directory / filename
+    if path.is_file():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    ignore = directory / ".gitignore"  # downloaded weights (hundreds of MB) must never be committed
+    if not ignore.exists():
+        ignore.write_text("*\n")
+    tmp = path.with_name(f".{filename}.part{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            from minildm.progress import progress
+
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with progress(total=total, unit="B", unit_scale=True, desc=filename) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        raise ConnectionError(
+            f"could not download the official checkpoint {filename} from {url} ({error}). "
+            f"Download it by hand and put it at {path} (or set MINILDM_CHECKPOINTS to the folder that "
+            "holds it)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_official(name: str, *, path=None, device="cpu", directory=None):
+    """Build preset `name` and load its official weights strictly; returns (model, config), eval mode.
+
+    path: a local copy of the released `.pt` file (skips the download).
+    """
+    config = presets.get(name)
+    path = Path(path) if path is not None else fetch_official(name, directory=directory)
+    return load_official_file(path, config, device=device), config
+
+
+def load_official_file(path, config, *, device="cpu"):
+    """Load a guided-/improved-diffusion `.pt` state dict into `build_model(config)`, strictly."""
+    try:
+        state_dict = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # truncated zip, pickle with code, wrong file
+        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({type(error).__name__}: {error}); "
+                              "it may be truncated: delete it and download it again") from None
+    from minildm import unet
+
+    model = minildm.build_model(config, device=device)
+    converted = unet.convert_official_state_dict(state_dict)
+    load_weights(model, converted, source=str(path))
+    return model.eval()
+
+
+def _official_filename(name: str) -> str:
+    if name in OFFICIAL_URLS:
+        return name
+    filename = presets.info(name).checkpoint  # KeyError listing the presets for unknown names
+    if not filename:
+        with_checkpoint = [n for n in presets.names() if presets.info(n).checkpoint]
+        raise KeyError(f"preset {name!r} has no official checkpoint; presets with one: {', '.join(with_checkpoint)}")
+    return filename

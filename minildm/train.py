@@ -1,0 +1,382 @@
+"""The training loop: plain PyTorch, no framework. One function, `train`, used by the CLI and notebooks.
+
+    >>> from minildm import presets, train
+    >>> config = presets.get("toy-2d")
+    >>> model, ema = train.train(config, max_steps=500, callback=lambda step, loss: losses.append(loss))
+
+One step (DDPM Algorithm 1, with the usual engineering):
+    x0, y   <- batch `step` of a shuffle fixed by (seed, step)       deterministic data order
+    t, noise <- drawn from a generator seeded by (seed, step)        t ~ U{0..T-1}, noise ~ N(0, I)
+    loss    <- diffusion.training_losses(model, x0, t, noise).mean() L_simple / L_hybrid / L_vlb
+    AdamW step with linear warmup, gradient-norm clipping, mixed precision on CUDA
+    ema     <- decay * ema + (1 - decay) * model                     the weights that are sampled
+
+Exact resume: every random draw of a step (its batch, t, noise, dropout masks, random flips)
+is a function of (seed, step, rank), so a checkpoint needs only weights, EMA, optimizer, scaler
+and step to continue bit for bit. Multi-GPU: run the same command under
+`torchrun --nproc_per_node N`; each process takes every N-th sample of the global batch
+`train.batch_size` and DistributedDataParallel averages the gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import minildm
+from minildm import checkpoints
+from minildm import config as config_lib
+from minildm.progress import progress
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class Trained(NamedTuple):
+    """What `train` returns: the trained network and its EMA copy (eval mode), unwrapped from DDP."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces of the loop, each usable (and tested) on its own
+
+
+def learning_rate(train_config, step: int) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then constant (DDPM's `get_warmed_up_lr`, 1-based)."""
+    if train_config.warmup_steps <= 0:
+        return train_config.lr
+    return train_config.lr * min(1.0, (step + 1) / train_config.warmup_steps)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter; buffers are copied."""
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 63-bit seed for (seed, step, stream): stream 0 draws t and noise, 1 + rank drives dropout/flips."""
+    value = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) % 2**64
+    value ^= value >> 31
+    return value % 2**63
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Indices of this process's share of the global batch of each step, from `start_step` on, forever.
+
+    Epoch e visits `randperm(N)` drawn from `seed + e`; global batch k of an epoch is positions
+    [k B, (k + 1) B) of it (incomplete batches dropped); process `rank` of `world_size` takes every
+    `world_size`-th of those, so 1 process with batch B sees exactly what N processes see together.
+    """
+
+    def __init__(self, num_samples, global_batch, *, seed=0, start_step=0, rank=0, world_size=1, shuffle=True):
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size={global_batch} must be divisible by the number of processes "
+                             f"({world_size})")
+        if num_samples < global_batch:
+            raise ValueError(f"the dataset has {num_samples} items, fewer than one batch of {global_batch}; "
+                             "lower train.batch_size or raise data.num_samples")
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.start_step, self.rank, self.world_size, self.shuffle = start_step, rank, world_size, shuffle
+        self.steps_per_epoch = num_samples // global_batch
+        self._order = (None, None)
+
+    def indices(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.num_samples, generator=generator) if self.shuffle else \
+                torch.arange(self.num_samples)
+            self._order = (epoch, order)
+        batch = self._order[1][k * self.global_batch:(k + 1) * self.global_batch]
+        return batch[self.rank::self.world_size].tolist()
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield self.indices(step)
+            step += 1
+
+
+@dataclass
+class Distributed:
+    """Where this process sits: rank among world_size, its device, and whether DDP is active."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    started_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device=None) -> Distributed:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; start the process group (NCCL on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    started = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started = True
+    return Distributed(rank, world_size, local_rank, device, started)
+
+
+def _precision(config_precision: str, device: torch.device):
+    """(autocast dtype or None, use GradScaler) for a `train.precision` setting; mixed precision is CUDA-only."""
+    if config_precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"train.precision={config_precision!r}; use auto, fp32, bf16 or fp16")
+    if device.type != "cuda":
+        if config_precision in ("bf16", "fp16"):
+            warnings.warn(f"train.precision={config_precision} needs CUDA; training in fp32 on {device}")
+        return None, False
+    if config_precision == "auto":
+        config_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config_precision], config_precision == "fp16"
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(config, *, resume=True, max_steps=None, callback=None, out_dir=None, device=None, verbose=True) -> Trained:
+    """Train `config`'s model on its data; returns `Trained(model, ema)`.
+
+    resume: continue from `<out_dir>/checkpoint.safetensors` if it exists (False: start over).
+    max_steps: total number of steps (overrides config.train.max_steps; a resumed run stops there too).
+    callback: called on the main process after every step as callback(step, loss) (step counts from 1).
+    out_dir: where checkpoints, sample grids, log.jsonl and config.json go (default config.train.out_dir);
+    nothing is written when train.save_every and train.sample_every are both 0.
+    """
+    from minildm import data
+
+    cfg = config.train
+    total_steps = cfg.max_steps if max_steps is None else int(max_steps)
+    out_dir = Path(out_dir if out_dir is not None else cfg.out_dir)
+    env = setup_distributed(device)
+    device = env.device
+    try:
+        autocast_dtype, use_scaler = _precision(cfg.precision, device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+
+        # Model, EMA copy, process, optimizer: identical on every process (same seed; DDP also broadcasts).
+        torch.manual_seed(cfg.seed)
+        model = minildm.build_model(config).to(device)
+        if device.type == "cuda" and cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        diffusion = minildm.build_diffusion(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                      weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+        step = 0
+        checkpoint_path = out_dir / CHECKPOINT
+        if resume and checkpoint_path.is_file():
+            state = checkpoints.load_training_state(checkpoint_path, model, ema=ema, optimizer=optimizer,
+                                                    scaler=scaler)
+            step = state["step"]
+            if verbose and env.main:
+                _note_config_changes(state["config"], config)
+                print(f"resumed from {checkpoint_path} at step {step}")
+        writes = cfg.save_every > 0 or cfg.sample_every > 0
+        if env.main and writes:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+
+        dataset = data.build_dataset(config.data, train=True)
+        conditional = config.model == "unet" and config.unet.num_classes > 0
+        dataset_classes = getattr(dataset, "num_classes", None)
+        if conditional and dataset_classes is not None and dataset_classes > config.unet.num_classes:
+            raise ValueError(f"the dataset has {dataset_classes} classes but unet.num_classes="
+                             f"{config.unet.num_classes}; set unet.num_classes={dataset_classes}")
+        sampler = StepBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=step, rank=env.rank,
+                              world_size=env.world_size)
+        # A private generator: creating the loader draws nothing from the global RNG.
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
+                            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+                            persistent_workers=config.data.num_workers > 0)
+        batches = iter(loader)
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if env.world_size > 1 else model
+        forward = torch.compile(ddp_model) if cfg.compile else ddp_model
+
+        def denoiser(x_t, t, **kwargs):
+            # Mixed precision covers the network only; the loss is computed in float32.
+            with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+                return forward(x_t, t, **kwargs).float()
+
+        t_generator, noise_generator = torch.Generator(), torch.Generator(device)
+        log_loss, log_count, log_time = torch.zeros((), device=device), 0, time.perf_counter()
+        quiet = {} if env.main and verbose else {"disable": True}
+        bar = progress(range(step, total_steps), initial=step, total=total_steps, desc="train", **quiet)
+        model.train()
+        for step in bar:
+            # Every random draw of this step is a function of (seed, step, rank): exact resume, no RNG state.
+            torch.manual_seed(step_seed(cfg.seed, step, 1 + env.rank))
+            x0, y = next(batches)
+            x0 = x0.to(device, non_blocking=True)
+            if x0.ndim == 4 and device.type == "cuda" and cfg.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            # t and noise for the whole global batch, then this process's rows: 1 or N processes, same numbers.
+            # (t is drawn on the CPU: the process indexes its float64 schedule with it, no device sync.)
+            t_generator.manual_seed(step_seed(cfg.seed, step))
+            noise_generator.manual_seed(step_seed(cfg.seed, step))
+            t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=t_generator)
+            t = t[env.rank::env.world_size].to(device)
+            noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=noise_generator, device=device)
+            noise = noise[env.rank::env.world_size]
+            model_kwargs = {"y": y.to(device)} if conditional else None
+
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            losses = diffusion.training_losses(denoiser, x0, t, noise=noise, model_kwargs=model_kwargs)
+            loss = losses["loss"].mean()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            update_ema(ema, model, cfg.ema_decay)
+            done = step + 1
+
+            log_loss += loss.detach()
+            log_count += 1
+            if callback is not None and env.main:
+                callback(done, loss.item())
+            if cfg.log_every > 0 and (done % cfg.log_every == 0 or done == total_steps):
+                if env.world_size > 1:
+                    dist.all_reduce(log_loss)
+                    log_loss /= env.world_size
+                record = {"step": done, "loss": log_loss.item() / log_count, "lr": optimizer.param_groups[0]["lr"],
+                          "steps_per_s": log_count / (time.perf_counter() - log_time)}
+                if env.main:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    if writes:
+                        with open(out_dir / "log.jsonl", "a") as file:
+                            file.write(json.dumps(record) + "\n")
+                log_loss.zero_()
+                log_count, log_time = 0, time.perf_counter()
+            if env.main and cfg.sample_every > 0 and done % cfg.sample_every == 0:
+                save_samples(ema, diffusion, config, out_dir / "samples" / f"step_{done:07d}.png", seed=cfg.seed)
+            if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total_steps):
+                if env.main:
+                    checkpoints.save(checkpoint_path, model, config, ema=ema, optimizer=optimizer, scaler=scaler,
+                                     step=done, extra={"world_size": env.world_size})
+                if env.world_size > 1:
+                    dist.barrier()
+        model.eval()
+        return Trained(model, ema)
+    finally:
+        if env.started_here:
+            dist.destroy_process_group()
+
+
+def _note_config_changes(saved: dict, config) -> None:
+    """Print the settings that differ from the checkpoint's (allowed: e.g. a longer max_steps)."""
+    current = config_lib.to_dict(config)
+    changes = [f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+               for section, fields in current.items() if isinstance(fields, dict)
+               for key, value in fields.items() if saved.get(section, {}).get(key) != value]
+    if changes:
+        print("config changed since the checkpoint: " + "; ".join(changes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample grids
+
+
+@torch.no_grad()
+def generate(model, diffusion, config, num: int, *, sampler="ddim", steps=25, eta=0.0, seed=0, y=None,
+             device=None, progress_bar=False) -> torch.Tensor:
+    """`num` samples of `model` with a respaced DDIM (or DDPM) schedule of `steps` steps; [num, C, H, W] or [num, 2].
+
+    y: class labels [num] for class-conditional models (default: 0, 1, 2, ... cycling over the classes).
+    """
+    from minildm import sampling, schedules
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if config.model == "unet":
+        shape = (num, config.unet.in_channels, config.unet.image_size, config.unet.image_size)
+    else:
+        shape = (num, config.mlp.data_dim)
+    model_kwargs = None
+    if config.model == "unet" and config.unet.num_classes > 0:
+        if y is None:
+            y = torch.arange(num) % config.unet.num_classes
+        model_kwargs = {"y": torch.as_tensor(y, device=device)}
+    timesteps = schedules.space_timesteps(diffusion.num_timesteps, str(min(steps, diffusion.num_timesteps)))
+    generator = torch.Generator(device).manual_seed(seed)
+    x_T = torch.randn(shape, generator=generator, device=device)
+    kwargs = dict(clip_denoised=config.sample.clip_denoised and config.model == "unet", model_kwargs=model_kwargs,
+                  generator=generator, progress=progress_bar)
+    if sampler == "ddim":
+        return sampling.ddim_sample(model, diffusion, x_T, timesteps, eta=eta, **kwargs)
+    if sampler == "ddpm":
+        return sampling.ddpm_sample(model, diffusion, x_T, timesteps, **kwargs)
+    raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
+
+
+def save_grid(samples: torch.Tensor, path) -> Path:
+    """Save images [N, C, H, W] in [-1, 1] as one PNG grid (or 2-D points [N, 2] as a scatter plot)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = samples.detach().float().cpu()
+    if samples.ndim == 2:
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(4, 4))
+        axis.scatter(samples[:, 0], samples[:, 1], s=2)
+        axis.set_aspect("equal")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+    from torchvision.utils import save_image
+
+    save_image((samples.clamp(-1, 1) + 1) / 2, path, nrow=max(1, math.ceil(math.sqrt(len(samples)))))
+    return path
+
+
+def save_samples(ema, diffusion, config, path, *, seed=0, num=None, steps=25) -> Path:
+    """A grid of `num` (default config.sample.num_samples, at most 64) EMA samples, 25 DDIM steps.
+
+    Runs under `torch.random.fork_rng`, so sampling never changes the training run's random stream.
+    """
+    num = num or min(config.sample.num_samples, 64)
+    device = next(ema.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        samples = generate(ema, diffusion, config, num, steps=steps, seed=seed)
+    return save_grid(samples, path)

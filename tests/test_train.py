@@ -1,0 +1,138 @@
+"""The training loop: exact resume, warmup, EMA, deterministic data order, outputs on disk."""
+
+import json
+
+import pytest
+import torch
+
+from minildm import checkpoints, presets, train
+from minildm.config import override
+
+
+def tiny_unet_config(**extra):
+    """toy-shapes shrunk to a 2-level UNet on 16x16, 24 images: one step takes a few milliseconds."""
+    items = {
+        "unet.channel_mult": "1,2", "unet.attention_resolutions": "8", "unet.dropout": "0.1",
+        "unet.num_classes": "0", "diffusion.num_timesteps": "50",
+        "data.num_samples": "24", "train.batch_size": "8", "train.warmup_steps": "4", "train.lr": "1e-3",
+        "train.ema_decay": "0.9", "train.log_every": "2", "train.sample_every": "0", "train.save_every": "100",
+    }
+    items.update(extra)
+    return override(presets.get("toy-shapes"), [f"{k}={v}" for k, v in items.items()])
+
+
+def tensors_of(path):
+    metadata = checkpoints.read_metadata(path)
+    return {k: v for k, v in checkpoints._read_tensors(path, ("",), "cpu").items()}, metadata
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    # Dropout on, warmup crossing the interruption, 3 steps per epoch: batch order, t, noise,
+    # dropout masks, learning rate, AdamW moments and EMA must all continue exactly.
+    config = tiny_unet_config()
+    straight = train.train(config, max_steps=6, out_dir=tmp_path / "straight", verbose=False)
+    train.train(config, max_steps=3, out_dir=tmp_path / "resumed", verbose=False)
+    assert checkpoints.read_metadata(tmp_path / "resumed" / train.CHECKPOINT)["step"] == 3
+    resumed = train.train(config, max_steps=6, out_dir=tmp_path / "resumed", verbose=False)
+
+    for a, b in ((straight.model, resumed.model), (straight.ema, resumed.ema)):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), name
+    # The whole checkpoint (weights, EMA, optimizer moments and step counts) is identical too.
+    first, meta_first = tensors_of(tmp_path / "straight" / train.CHECKPOINT)
+    second, meta_second = tensors_of(tmp_path / "resumed" / train.CHECKPOINT)
+    assert first.keys() == second.keys() and any(k.startswith("optimizer.state.") for k in first)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert meta_first["optimizer"] == meta_second["optimizer"] and meta_first["step"] == meta_second["step"] == 6
+    # ... and the weights actually moved (the comparison is not between two untouched models).
+    fresh = train.train(config, max_steps=0, out_dir=tmp_path / "fresh", verbose=False)
+    assert not torch.equal(fresh.model.out[-1].weight, straight.model.out[-1].weight)
+
+
+def test_restarting_without_resume_starts_over(tmp_path):
+    config = tiny_unet_config()
+    a = train.train(config, max_steps=2, out_dir=tmp_path, verbose=False)
+    b = train.train(config, max_steps=2, out_dir=tmp_path, resume=False, verbose=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_learning_rate_warmup():
+    cfg = presets.get("ddpm-cifar10").train
+    assert train.learning_rate(cfg, 0) == pytest.approx(2e-4 / 5000)
+    assert train.learning_rate(cfg, 2499) == pytest.approx(1e-4)
+    assert train.learning_rate(cfg, 4999) == train.learning_rate(cfg, 10**6) == 2e-4
+    cfg.warmup_steps = 0
+    assert train.learning_rate(cfg, 0) == 2e-4
+
+
+def test_update_ema_is_the_exponential_moving_average():
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.9 * e + 0.1 * m for e, m in zip(ema.parameters(), model.parameters())]
+    train.update_ema(ema, model, 0.9)
+    for value, target in zip(ema.parameters(), expected):
+        torch.testing.assert_close(value, target)
+
+
+def test_step_batches_are_a_function_of_seed_and_step_and_shard_the_global_batch():
+    one = train.StepBatches(50, 8, seed=3)
+    steps = [one.indices(s) for s in range(12)]
+    assert all(len(b) == 8 for b in steps)
+    assert sorted(sum(steps[:6], [])) == sorted(set(sum(steps[:6], [])))  # an epoch (6 steps) repeats nothing
+    assert steps[6] != steps[0]  # epoch 2 reshuffles
+    # Starting later gives the same batches; two processes together see exactly the single batch.
+    later = iter(train.StepBatches(50, 8, seed=3, start_step=7))
+    assert next(later) == steps[7]
+    for step in range(12):
+        rank0 = train.StepBatches(50, 8, seed=3, rank=0, world_size=2).indices(step)
+        rank1 = train.StepBatches(50, 8, seed=3, rank=1, world_size=2).indices(step)
+        assert rank0 == steps[step][0::2] and rank1 == steps[step][1::2]
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        train.StepBatches(50, 9, world_size=2)
+    with pytest.raises(ValueError, match="raise data.num_samples"):
+        train.StepBatches(5, 8)
+
+
+def test_toy_2d_training_learns_and_reports_every_step(tmp_path):
+    config = override(presets.get("toy-2d"), ["train.batch_size=128", "train.sample_every=0", "train.save_every=0",
+                                              "data.num_samples=2000"])
+    losses = []
+    result = train.train(config, max_steps=150, callback=lambda step, loss: losses.append((step, loss)),
+                         out_dir=tmp_path, verbose=False)
+    assert [s for s, _ in losses] == list(range(1, 151))
+    first, last = (sum(loss for _, loss in losses[i:i + 20]) / 20 for i in (0, 130))
+    assert last < 0.5 * first, (first, last)  # L_simple of an untrained net is ~1 (eps variance)
+    assert not result.model.training and not result.ema.training
+    assert not any(tmp_path.iterdir())  # save_every=0 and sample_every=0: nothing written
+
+
+def test_outputs_on_disk_samples_log_config_checkpoint(tmp_path):
+    config = tiny_unet_config(**{"train.sample_every": "2", "train.save_every": "2", "sample.num_samples": "4",
+                                 "unet.num_classes": "5"})
+    result = train.train(config, max_steps=4, out_dir=tmp_path, verbose=False)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "samples" / "step_0000004.png").size == (2 + 2 * 18, 2 + 2 * 18)  # 2x2 grid
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4] and all(r["loss"] > 0 for r in log)
+    assert json.loads((tmp_path / "config.json").read_text())["unet"]["num_classes"] == 5
+    loaded = checkpoints.load(tmp_path / train.CHECKPOINT)
+    assert loaded.step == 4 and loaded.config.unet.num_classes == 5
+    for x, y in zip(loaded.ema.state_dict().values(), result.ema.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_sampling_during_training_does_not_change_the_run(tmp_path):
+    with_samples = train.train(tiny_unet_config(**{"train.sample_every": "1", "sample.num_samples": "2"}),
+                               max_steps=3, out_dir=tmp_path / "a", verbose=False)
+    without = train.train(tiny_unet_config(), max_steps=3, out_dir=tmp_path / "b", verbose=False)
+    assert all(torch.equal(x, y) for x, y in zip(with_samples.model.parameters(), without.model.parameters()))
+
+
+def test_mixed_precision_falls_back_to_fp32_on_cpu(tmp_path):
+    config = tiny_unet_config(**{"train.precision": "fp16", "train.save_every": "0"})
+    with pytest.warns(UserWarning, match="needs CUDA"):
+        train.train(config, max_steps=1, out_dir=tmp_path, verbose=False)
+    with pytest.raises(ValueError, match="use auto, fp32, bf16 or fp16"):
+        train.train(tiny_unet_config(**{"train.precision": "half"}), max_steps=1, out_dir=tmp_path, verbose=False)
