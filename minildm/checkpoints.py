@@ -205,7 +205,10 @@ def load_training_state(path, model, *, ema=None, optimizer=None, scaler=None) -
             state.setdefault(int(index), {})[name] = value
         for index, scalars in saved["scalars"].items():
             state.setdefault(int(index), {}).update(scalars)
-        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        groups = saved["param_groups"]
+        for group, current in zip(groups, optimizer.param_groups):  # JSON turned tuples (betas) into lists
+            group.update({k: tuple(v) for k, v in group.items() if isinstance(current.get(k), tuple)})
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
     if scaler is not None and metadata.get("scaler"):
         scaler.load_state_dict(metadata["scaler"])
     rng = {k: v.cpu() for k, v in _strip(tensors, "rng.").items()}
