@@ -57,11 +57,14 @@ def timestep_embedding_ddpm(t: torch.Tensor, dim: int, max_period: float = 10000
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back (guided-diffusion's `GroupNorm32`); eps 1e-5.
 
-    Keeps the statistics accurate when the rest of the network runs in fp16/bf16.
+    Keeps the statistics accurate when the rest of the network runs in fp16/bf16 (also when the whole
+    model was cast with `.to(torch.bfloat16)`: the affine parameters are used in float32 too).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return nn.functional.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int, num_groups: int = 32, eps: float = 1e-5) -> GroupNorm32:

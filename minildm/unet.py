@@ -38,8 +38,6 @@ that converts (side = image_size // factor).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -184,8 +182,10 @@ class UNet(nn.Module):
                          use_new_attention_order=config.use_new_attention_order, use_checkpoint=config.use_checkpoint)
         resblock = dict(emb_channels=emb_dim, dropout=config.dropout, use_checkpoint=config.use_checkpoint,
                         use_scale_shift_norm=config.use_scale_shift_norm)
-        # For describe(): top-level block name -> (channels, feature-map side) of its output.
+        # For describe(): top-level block name -> (channels, feature-map side) of its output, and the
+        # level (index into channel_mult) whose loop built it; a level's resampler belongs to that level.
         self.block_shapes: dict[str, tuple[int, int]] = {}
+        self.block_levels: dict[str, int] = {}
 
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if config.num_classes > 0:
@@ -196,7 +196,7 @@ class UNet(nn.Module):
         ch = int(config.channel_mult[0] * base)
         side = config.image_size
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
-        self.block_shapes["input_blocks.0"] = (ch, side)
+        self.block_shapes["input_blocks.0"], self.block_levels["input_blocks.0"] = (ch, side), 0
         skip_channels = [ch]
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks):
@@ -204,13 +204,13 @@ class UNet(nn.Module):
                 ch = int(mult * base)
                 if side in config.attention_resolutions:
                     layers.append(AttentionBlock(ch, num_heads=config.num_heads, **attention))
-                self._add(self.input_blocks, "input_blocks", layers, ch, side)
+                self._add(self.input_blocks, "input_blocks", layers, ch, side, level)
                 skip_channels.append(ch)
             if level != len(config.channel_mult) - 1:
                 side //= 2
                 down = (ResBlock(ch, out_channels=ch, down=True, **resblock) if config.resblock_updown
                         else Downsample(ch, config.conv_resample, out_channels=ch))
-                self._add(self.input_blocks, "input_blocks", [down], ch, side)
+                self._add(self.input_blocks, "input_blocks", [down], ch, side, level)
                 skip_channels.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
@@ -232,14 +232,15 @@ class UNet(nn.Module):
                     layers.append(ResBlock(ch, out_channels=ch, up=True, **resblock) if config.resblock_updown
                                   else Upsample(ch, config.conv_resample, out_channels=ch))
                     side *= 2
-                self._add(self.output_blocks, "output_blocks", layers, ch, side)
+                self._add(self.output_blocks, "output_blocks", layers, ch, side, level)
 
         out_channels = config.out_channels * (2 if config.learn_sigma else 1)
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
         self.block_shapes["out"] = (out_channels, side)
 
-    def _add(self, blocks: nn.ModuleList, name: str, layers: list, ch: int, side: int) -> None:
+    def _add(self, blocks: nn.ModuleList, name: str, layers: list, ch: int, side: int, level: int) -> None:
         self.block_shapes[f"{name}.{len(blocks)}"] = (ch, side)
+        self.block_levels[f"{name}.{len(blocks)}"] = level
         blocks.append(TimestepEmbedSequential(*layers))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
@@ -374,39 +375,39 @@ def convert_official_state_dict(state_dict: dict, prefix: str = "") -> dict:
 
 
 def describe(model: UNet) -> str:
-    """A table of the UNet, block by block: output channels x side, parameters; then totals per level."""
+    """A table of the UNet block by block (output channels x side, parameters), then parameters per level."""
     rows = [f"{'block':<18} {'output':>14} {'params':>13}  layers"]
     for name, module in model.named_children():
         blocks = list(module.named_children()) if isinstance(module, nn.ModuleList) else [(None, module)]
         for index, block in blocks:
             key = name if index is None else f"{name}.{index}"
-            kinds = ", ".join(type(layer).__name__ for layer in block.children()) if key != "time_embed" else "MLP"
-            if key in model.block_shapes:
-                ch, side = model.block_shapes[key]
-                shape = f"{ch} x {side}x{side}"
-            else:
-                shape = ""
+            ch, side = model.block_shapes.get(key, (None, None))
+            shape = f"{ch} x {side}x{side}" if ch is not None else ""
             if isinstance(block, nn.Embedding):
                 kinds = "Embedding"
+            elif key == "time_embed":
+                kinds = "Linear, SiLU, Linear"
+            else:
+                kinds = ", ".join(type(layer).__name__ for layer in block.children())
             rows.append(f"{key:<18} {shape:>14} {count_parameters(block):>13,}  {kinds}")
-    rows.append("")
-    rows.append(f"{'feature-map side':<18} {'down':>13} {'up':>13}")
+    rows += ["", f"{'level (side)':<18} {'down path':>14} {'up path':>13}"]
     for side, (down, up) in parameters_per_level(model).items():
-        rows.append(f"{side:<18} {down:>13,} {up:>13,}")
-    rows.append(f"{'total':<18} {count_parameters(model):>13,}")
+        rows.append(f"{f'{side}x{side}':<18} {down:>14,} {up:>13,}")
+    rows.append(f"{'middle':<18} {count_parameters(model.middle_block):>14,}")
+    rows.append(f"{'total':<18} {count_parameters(model):>14,}")
     return "\n".join(rows)
 
 
-def parameters_per_level(model: UNet) -> "OrderedDict[int, tuple[int, int]]":
-    """Parameters of the down path and the up path at each feature-map side (middle block counted at its side
-    under 'down'; the down/upsampler counted at the side it outputs)."""
-    levels: OrderedDict[int, list[int]] = OrderedDict()
-    for name in ("input_blocks", "middle_block", "output_blocks"):
-        module = getattr(model, name)
-        blocks = list(module.named_children()) if name != "middle_block" else [(None, module)]
-        for index, block in blocks:
-            key = name if index is None else f"{name}.{index}"
-            side = model.block_shapes[key][1]
-            counts = levels.setdefault(side, [0, 0])
+def parameters_per_level(model: UNet) -> dict[int, tuple[int, int]]:
+    """{feature-map side of each level: (down-path params, up-path params)}.
+
+    A level is one entry of channel_mult; its downsampler (and, on the way up, its upsampler) counts
+    with it. The middle block, time/label embeddings and `out` are not in any level.
+    """
+    levels: dict[int, list[int]] = {}
+    for name in ("input_blocks", "output_blocks"):
+        for index, block in enumerate(getattr(model, name)):
+            level = model.block_levels[f"{name}.{index}"]
+            counts = levels.setdefault(model.config.image_size // 2**level, [0, 0])
             counts[name == "output_blocks"] += count_parameters(block)
-    return OrderedDict((side, tuple(c)) for side, c in levels.items())
+    return {side: (down, up) for side, (down, up) in sorted(levels.items(), reverse=True)}

@@ -72,6 +72,7 @@ def test_groupnorm32_runs_in_float32_and_casts_back():
     assert out.dtype == torch.bfloat16
     reference = torch.nn.functional.group_norm(x.float(), 32, norm.weight, norm.bias, 1e-5).to(torch.bfloat16)
     assert torch.equal(out, reference)
+    assert norm.to(torch.bfloat16)(x).dtype == torch.bfloat16  # a fully cast model still normalises in fp32
 
 
 def test_normalization_rejects_channels_not_divisible_by_32():

@@ -303,6 +303,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_runs_in_bfloat16_with_groupnorm_in_float32():
+    model = unet.UNet(UNetConfig(image_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                            attention_resolutions=(4,), num_head_channels=32, num_classes=3)).to(torch.bfloat16)
+    out = model(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16), torch.tensor([1, 500]), y=torch.tensor([0, 2]))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 8, 8)
+
+
 def test_meta_build_and_describe():
     model = minildm.build_model(presets.get("ddpm-cifar10"), device="meta")
     assert all(p.is_meta for p in model.parameters())
@@ -310,5 +317,10 @@ def test_meta_build_and_describe():
     assert "35,746,307" in text and "middle_block" in text and "output_blocks.11" in text
     per_level = unet.parameters_per_level(model)
     assert list(per_level) == [32, 16, 8, 4]
-    assert sum(down + up for down, up in per_level.values()) + count_parameters(model.time_embed) + \
-        count_parameters(model.out) == count_parameters(model)
+    outside_levels = [model.time_embed, model.middle_block, model.out]
+    assert sum(down + up for down, up in per_level.values()) + sum(map(count_parameters, outside_levels)) == \
+        count_parameters(model)
+    # DDPM CIFAR10's 32x32 level, down path: conv_in, 2 ResBlocks 128->128 (emb 512), the stride-2 conv.
+    conv3x3 = 128 * 128 * 9 + 128
+    resblock = 2 * (2 * 128) + 2 * conv3x3 + (512 * 128 + 128)
+    assert per_level[32][0] == (3 * 128 * 9 + 128) + 2 * resblock + conv3x3
