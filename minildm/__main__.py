@@ -157,7 +157,7 @@ def _load(args):
 
 def _sample(args) -> int:
     import minildm
-    from minildm import train
+    from minildm import progress, train
 
     model, config = _load(args)
     if config.unet.super_res and config.model == "unet":
@@ -167,7 +167,7 @@ def _sample(args) -> int:
     if args.label is not None:
         y = [args.label] * args.num
     samples = train.generate(model, minildm.build_diffusion(config), config, args.num, sampler=args.sampler,
-                             steps=args.steps, eta=args.eta, seed=args.seed, y=y, progress_bar=True)
+                             steps=args.steps, eta=args.eta, seed=args.seed, y=y, progress_bar=progress.enabled())
     path = train.save_grid(samples, args.out)
     print(f"wrote {len(samples)} samples to {path}")
     return 0
@@ -177,7 +177,7 @@ def _bpd(args) -> int:
     import torch
 
     import minildm
-    from minildm import data, schedules
+    from minildm import data, progress, schedules
 
     model, config = _load(args)
     if config.model != "unet":
@@ -197,7 +197,7 @@ def _bpd(args) -> int:
         y = torch.tensor([item[1] for item in items], device=device)
         kwargs = {"y": y} if config.unet.num_classes > 0 else None
         result = diffusion.bits_per_dim(model, x0, model_kwargs=kwargs, timesteps=timesteps, generator=generator,
-                                        progress=True)
+                                        progress=progress.enabled())
         totals.append(result["total_bpd"].cpu())
     totals = torch.cat(totals).double()
     stderr = totals.std().item() / len(totals) ** 0.5 if len(totals) > 1 else float("nan")
