@@ -213,6 +213,43 @@ register(Preset(
     ),
 ))
 
+register(Preset(
+    name="iddpm-lsun-bedroom256",
+    summary="iDDPM LSUN Bedroom 256: DDPM's 256 UNet with learned sigma (ch 128, 1 head, attention 16, no AdaGN)",
+    source="Nichol & Dhariwal 2021; improved-diffusion README (lsun_uncond_100M_1200K_bs128.pt)",
+    params=113_676_678,
+    result="released checkpoint; no headline number in PAPER_FACTS",
+    checkpoint="lsun_uncond_100M_1200K_bs128.pt",
+    config=Config(
+        unet=UNetConfig(image_size=256, channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                        attention_resolutions=(16,), num_heads=1, dropout=0.0, learn_sigma=True),
+        diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="learned_range",
+                                  loss_type="hybrid"),
+        data=DataConfig(dataset="imagefolder", image_size=256, random_flip=False),
+        train=TrainConfig(batch_size=128, lr=1e-4, warmup_steps=0, max_steps=1_200_000, ema_decay=0.9999,
+                          out_dir="runs/iddpm-lsun-bedroom256"),
+    ),
+))
+
+register(Preset(
+    name="iddpm-upsampler-64-256",
+    summary="iDDPM 64->256 class-conditional upsampler: ch 192, 2 res blocks, attention 16,8 with 4 heads, AdaGN",
+    source="Nichol & Dhariwal 2021; improved-diffusion README (upsample_cond_500K.pt)",
+    params=279_792_390,
+    result="released checkpoint; no headline number in PAPER_FACTS",
+    checkpoint="upsample_cond_500K.pt",
+    config=Config(
+        unet=UNetConfig(image_size=256, channels=192, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                        attention_resolutions=(16, 8), num_heads=4, use_scale_shift_norm=True, learn_sigma=True,
+                        dropout=0.0, num_classes=1000, super_res=True),
+        diffusion=DiffusionConfig(num_timesteps=4000, beta_schedule="linear", model_var_type="learned_range",
+                                  loss_type="hybrid"),
+        data=DataConfig(dataset="imagefolder", image_size=256),
+        train=TrainConfig(batch_size=256, lr=3e-4, warmup_steps=0, max_steps=500_000, ema_decay=0.9999,
+                          out_dir="runs/iddpm-upsampler-64-256"),
+    ),
+))
+
 # ---------------------------------------------------------------------------------------------
 # ADM, Dhariwal & Nichol 2021 (guided-diffusion README flags, paper Tab. 11 and 13):
 # attention at 32,16,8, BigGAN up/down, AdaGN, learned sigma, L_hybrid, EMA 0.9999.
