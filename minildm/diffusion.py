@@ -89,9 +89,7 @@ class GaussianDiffusion:
         t_prev = t - 1 if t_prev is None else _as_index(t_prev, like=t, name="t_prev")
         t_next = t + 1 if t_next is None else _as_index(t_next, like=t, name="t_next")
         T = self.num_timesteps
-        if t.min() < 0 or t.max() >= T:
-            raise ValueError(f"t must lie in [0, {T - 1}] (0-based: t = 0 is the first noising step); "
-                             f"got min {t.min()}, max {t.max()}")
+        self._check_range(t)
         if (t_prev < -1).any() or (t_prev >= t).any():
             raise ValueError("t_prev must satisfy -1 <= t_prev < t (-1 means the step ends at x0); "
                              f"got t={t.tolist()}, t_prev={t_prev.tolist()}")
@@ -106,9 +104,8 @@ class GaussianDiffusion:
         # (a one-step chain has no next step: fall back to the step's own beta).
         has_next = last & (t_next < T)
         a_next = self.alpha_bar[np.where(has_next, t_next, t)]
-        next_variance = np.where(has_next, (1.0 - a_next / a) * (1.0 - a) / (1.0 - np.where(has_next, a_next, 0.0)), beta)
-        with np.errstate(divide="ignore"):
-            log_clipped = np.where(last, np.log(np.where(last, next_variance, 1.0)), np.log(posterior_variance))
+        next_variance = np.where(has_next, (1.0 - a_next / a) * (1.0 - a) / (1.0 - a_next), beta)
+        log_clipped = np.log(np.where(last, next_variance, posterior_variance))
         return {
             "alpha_bar": a,
             "alpha_bar_prev": a_prev,
@@ -118,20 +115,26 @@ class GaussianDiffusion:
             "posterior_mean_coef1": beta * np.sqrt(a_prev) / (1.0 - a),
             "posterior_mean_coef2": (1.0 - a_prev) * np.sqrt(1.0 - beta) / (1.0 - a),
             # beta_t for fixed_large, except the step to x0 which uses beta~ of the next step (better decoder NLL)
-            "large_variance": np.where(last, next_variance, beta),
+            "fixed_large_variance": np.where(last, next_variance, beta),
         }
 
-    def _alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
+    def _alpha_bar(self, t, like: torch.Tensor) -> np.ndarray:
         """alpha_bar_t as a float64 numpy array [N] after checking t (shape [N] of `like`)."""
         t = _as_index(t, batch=like.shape[0])
-        if t.min() < 0 or t.max() >= self.num_timesteps:
-            raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}] (0-based); got min {t.min()}, max {t.max()}")
+        self._check_range(t)
         return self.alpha_bar[t]
+
+    def _check_range(self, t: np.ndarray) -> None:
+        if t.min() < 0 or t.max() >= self.num_timesteps:
+            raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}] (0-based: t = 0 is the first noising "
+                             f"step); got min {t.min()}, max {t.max()}")
 
     # ------------------------------------------------------------------ forward process q
 
     def q_mean_variance(self, x0: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I) (Ho et al. 2020, Eq. 4): (mean, variance, log_variance)."""
+        """q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I) (Ho et al. 2020, Eq. 4).
+
+        Returns (mean, variance, log_variance), each shaped like x0."""
         a = self._alpha_bar(t, x0)
         mean = _coef(np.sqrt(a), x0) * x0
         return mean, _coef(1.0 - a, x0).expand_as(x0), _coef(np.log(1.0 - a), x0).expand_as(x0)
@@ -224,8 +227,8 @@ class GaussianDiffusion:
             variance = _coef(c["posterior_variance"], x_t).expand_as(x_t)
             log_variance = _coef(c["posterior_log_variance_clipped"], x_t).expand_as(x_t)
         elif self.model_var_type == "fixed_large":
-            variance = _coef(c["large_variance"], x_t).expand_as(x_t)
-            log_variance = _coef(np.log(c["large_variance"]), x_t).expand_as(x_t)
+            variance = _coef(c["fixed_large_variance"], x_t).expand_as(x_t)
+            log_variance = _coef(np.log(c["fixed_large_variance"]), x_t).expand_as(x_t)
         else:
             min_log = _coef(c["posterior_log_variance_clipped"], x_t)
             max_log = _coef(np.log(c["beta"]), x_t)
@@ -356,8 +359,7 @@ class GaussianDiffusion:
     def _neighbours(self, t: np.ndarray, timesteps):
         """(t_prev, t_next, number of steps) of each t in a kept-timestep list, found by lookup."""
         if timesteps is None:
-            if t.min() < 0 or t.max() >= self.num_timesteps:
-                raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}] (0-based); got min {t.min()}, max {t.max()}")
+            self._check_range(t)
             return t - 1, t + 1, self.num_timesteps
         kept = schedules._check_timesteps(timesteps, self.num_timesteps)
         if len(kept) < 2:

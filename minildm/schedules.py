@@ -91,7 +91,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
             try:
                 desired = int(text[len("ddim"):])
             except ValueError:
-                raise ValueError(f"cannot read {section_counts!r}: use 'ddimN' with an integer N, e.g. 'ddim50'") from None
+                raise ValueError(f"cannot read {section_counts!r}: use 'ddimN' with an integer N, "
+                                 "e.g. 'ddim50'") from None
             if desired < 1:
                 raise ValueError(f"{section_counts!r}: the number of DDIM steps must be at least 1")
             for stride in range(1, num_timesteps + 1):
