@@ -6,9 +6,11 @@ A minildm checkpoint is a single `.safetensors` file written atomically (tempora
     tensors   model.<name>                    the network (guided-diffusion key names)
               ema.<name>                      its exponential moving average (optional)
               optimizer.state.<i>.<name>      AdamW moments and step counts (training checkpoints)
-              rng.<name>                      random-generator states (training checkpoints)
     metadata  JSON strings in the safetensors header: format, minildm version, step, the resolved
               config (`minildm.config.to_dict`), optimizer param groups, GradScaler state
+
+No random-generator state is stored: the training loop draws everything random from (seed, step,
+rank), so weights + EMA + optimizer + scaler + step are the whole state of a run (see `minildm.train`).
 
 Why one file: the header is plain JSON that any safetensors reader shows, nothing is unpickled on
 load (no code can run from a checkpoint), and weights and trainer state can never get out of step.
@@ -77,11 +79,11 @@ class Loaded(NamedTuple):
 # Saving
 
 
-def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, rng=None, extra=None) -> Path:
+def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, extra=None) -> Path:
     """Write a checkpoint atomically; returns its path.
 
-    model / ema: modules (a DDP or compiled wrapper is unwrapped). optimizer / scaler / rng
-    (dict name -> uint8 tensor) make it a training checkpoint that `load_training_state` resumes exactly.
+    model / ema: modules (a DDP or compiled wrapper is unwrapped). optimizer / scaler make it a
+    training checkpoint that `load_training_state` resumes exactly.
     extra: a JSON-serialisable dict stored in the metadata.
     """
     path = Path(path)
@@ -109,8 +111,6 @@ def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, 
         metadata["optimizer"] = json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
     if scaler is not None:
         metadata["scaler"] = json.dumps(scaler.state_dict())
-    for name, value in (rng or {}).items():
-        tensors[f"rng.{name}"] = value
     # safetensors wants contiguous CPU tensors that share no memory (channels_last is not contiguous).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,13 +182,16 @@ def load(path, *, device="cpu", ema=True) -> Loaded:
 
 
 def load_training_state(path, model, *, ema=None, optimizer=None, scaler=None) -> dict:
-    """Restore a training checkpoint into existing objects; returns {"step", "rng", "extra", "config"}.
+    """Restore a training checkpoint into existing objects; returns {"step", "extra", "config"}.
 
     model / ema / optimizer / scaler are modified in place (weights strictly checked).
     """
     metadata = read_metadata(path)
     device = next(iter(_state_dict(model).values())).device
-    tensors = _read_tensors(path, ("model.", "ema.", "optimizer.", "rng."), device)
+    tensors = _read_tensors(path, ("model.", "ema."), device)
+    # Optimizer state is read on the CPU: load_state_dict moves the moments to the parameters' device
+    # and keeps AdamW's step counters on the CPU, exactly where a fresh optimizer has them.
+    tensors.update(_read_tensors(path, ("optimizer.",), "cpu"))
     load_weights(_unwrap(model), _strip(tensors, "model."), source=f"{path} (model)")
     if ema is not None:
         if not metadata["has_ema"]:
@@ -211,8 +214,7 @@ def load_training_state(path, model, *, ema=None, optimizer=None, scaler=None) -
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     if scaler is not None and metadata.get("scaler"):
         scaler.load_state_dict(metadata["scaler"])
-    rng = {k: v.cpu() for k, v in _strip(tensors, "rng.").items()}
-    return {"step": metadata["step"], "rng": rng, "extra": metadata["extra"], "config": metadata["config"]}
+    return {"step": metadata["step"], "extra": metadata["extra"], "config": metadata["config"]}
 
 
 def load_weights(model, state_dict, *, source="checkpoint") -> None:

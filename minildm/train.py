@@ -241,7 +241,7 @@ def train(config, *, resume=True, max_steps=None, callback=None, out_dir=None, d
         log_loss, log_count, log_time = torch.zeros((), device=device), 0, time.perf_counter()
         quiet = {} if env.main and verbose else {"disable": True}
         bar = progress(range(step, total_steps), initial=step, total=total_steps, desc="train", **quiet)
-        model.train()
+        ddp_model.train()
         for step in bar:
             # Every random draw of this step is a function of (seed, step, rank): exact resume, no RNG state.
             torch.manual_seed(step_seed(cfg.seed, step, 1 + env.rank))

@@ -136,3 +136,12 @@ def test_mixed_precision_falls_back_to_fp32_on_cpu(tmp_path):
         train.train(config, max_steps=1, out_dir=tmp_path, verbose=False)
     with pytest.raises(ValueError, match="use auto, fp32, bf16 or fp16"):
         train.train(tiny_unet_config(**{"train.precision": "half"}), max_steps=1, out_dir=tmp_path, verbose=False)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
+    # unet.use_checkpoint recomputes activations in the backward pass (dropout masks included).
+    plain = train.train(tiny_unet_config(), max_steps=2, out_dir=tmp_path / "a", verbose=False)
+    checkpointed = train.train(tiny_unet_config(**{"unet.use_checkpoint": "true"}), max_steps=2,
+                               out_dir=tmp_path / "b", verbose=False)
+    for x, y in zip(plain.model.parameters(), checkpointed.model.parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
