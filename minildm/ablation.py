@@ -170,8 +170,11 @@ def to_uint8(samples: torch.Tensor) -> torch.Tensor:
 
 
 def run_adm(budget_s: float, *, variants=None, num_samples: int = 128, sample_steps: int = 50,
-            max_steps: int | None = None, samples_dir: Path | None = None) -> dict:
-    """The ADM ablation: each variant trained for `budget_s` CPU seconds, then `num_samples` DDIM samples scored."""
+            max_steps: int | None = None, samples_dir: Path | None = None, on_result=None) -> dict:
+    """The ADM ablation: each variant trained for `budget_s` CPU seconds, then `num_samples` DDIM samples scored.
+
+    on_result(results) is called after each variant (to save partial results of a long run).
+    """
     results = {}
     for name in variants or ADM_VARIANTS:
         config = make_config(ADM_VARIANTS[name])
@@ -195,6 +198,8 @@ def run_adm(budget_s: float, *, variants=None, num_samples: int = 128, sample_st
         }
         print(f"{name:>11}: {results[name]['params']:,} params, {log['steps']} steps in {log['train_cpu_s']} "
               f"CPU s, final loss {results[name]['final_loss']}, quality {results[name]['quality']}", flush=True)
+        if on_result is not None:
+            on_result(results)
     return results
 
 
@@ -206,8 +211,11 @@ def fixed_variance_diffusions(config) -> dict[str, GaussianDiffusion]:
 
 
 def run_variance(budget_s: float, *, steps=SAMPLING_STEPS, num_samples: int = 128, bpd_samples: int = 0,
-                 max_steps: int | None = None, samples_dir: Path | None = None) -> dict:
-    """Fixed variance + L_simple vs learned_range + L_hybrid: quality (and bits/dim) vs respaced ancestral steps."""
+                 max_steps: int | None = None, samples_dir: Path | None = None, on_result=None) -> dict:
+    """Fixed variance + L_simple vs learned_range + L_hybrid: quality (and bits/dim) vs respaced ancestral steps.
+
+    on_result(results) is called after each sampled row (to save partial results of a long run).
+    """
     results = {}
     held_out = data.ShapesDataset(max(bpd_samples, 1), 16, seed=1).tensors()[0]
     for name, overrides in VARIANCE_VARIANTS.items():
@@ -241,7 +249,10 @@ def run_variance(budget_s: float, *, steps=SAMPLING_STEPS, num_samples: int = 12
                     row["bits_per_dim"] = round(bpd["total_bpd"].mean().item(), 4)
                 rows.append(row)
                 print(f"{label:>30} {num_steps:>4} steps: {row}", flush=True)
-            entry["sampling"][label] = rows
+                entry["sampling"][label] = rows
+                results[name] = entry
+                if on_result is not None:
+                    on_result(results)
         results[name] = entry
     return results
 
@@ -327,29 +338,35 @@ def main(argv=None) -> dict:
         Path(args.out or args.report).write_text(json.dumps(report, indent=1) + "\n")
         return report
     start = time.time()
+    report = {
+        "experiment": args.experiment,
+        "command": f"OMP_NUM_THREADS={args.threads} python -m minildm.ablation " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "budget_cpu_s_per_model": args.budget,
+        "base": {"preset": BASE_PRESET, "overrides": BASE},
+        "machine": machine_note(),
+        "complete": False,
+        "results": {},
+    }
+
+    def save(results):
+        report["results"], report["wall_s"] = results, round(time.time() - start, 1)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
     if args.experiment == "adm":
         variants = [v for v in args.variants.split(",") if v] or None
         unknown = set(variants or []) - set(ADM_VARIANTS)
         if unknown:
             parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(ADM_VARIANTS)}")
         results = run_adm(args.budget, variants=variants, num_samples=args.num_samples, max_steps=args.max_steps,
-                          sample_steps=args.sample_steps, samples_dir=samples_dir)
+                          sample_steps=args.sample_steps, samples_dir=samples_dir, on_result=save)
     else:
         results = run_variance(args.budget, steps=[int(s) for s in args.steps.split(",")],
                                num_samples=args.num_samples, bpd_samples=args.bpd_samples,
-                               max_steps=args.max_steps, samples_dir=samples_dir)
-    report = {
-        "experiment": args.experiment,
-        "command": "python -m minildm.ablation " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "budget_cpu_s_per_model": args.budget,
-        "base": {"preset": BASE_PRESET, "overrides": BASE},
-        "machine": machine_note(),
-        "wall_s": round(time.time() - start, 1),
-        "results": results,
-    }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+                               max_steps=args.max_steps, samples_dir=samples_dir, on_result=save)
+    report["complete"] = True
+    save(results)
     return report
 
 
