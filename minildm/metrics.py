@@ -1,0 +1,355 @@
+"""Sample quality on the offline shapes data: a course-trained evaluator network and the Fréchet distance.
+
+    >>> from minildm import metrics
+    >>> report = metrics.evaluate_shapes(samples)      # samples [N, 3, H, W] in [-1, 1]
+    >>> report["confident_fraction"], report["frechet_distance_to_real"], report["frechet_distance_floor"]
+
+Inception features (FID, Heusel et al. 2017) need downloaded weights and say little about
+32x32 coloured shapes. Here the same formula is applied to the 64-d features of
+`ShapesEvaluator`, a small CNN the course trains on clean shapes (`train_evaluator`; shipped in
+data/checkpoints/shapes-evaluator.safetensors). The number is called "Fréchet distance on
+shapes-evaluator features": comparable between models scored with the same evaluator and the
+same number of images, never with published FIDs. Finite samples bias it upwards, so
+`evaluate_shapes` also scores real held-out images of the same count: that real-vs-real
+distance is the floor a perfect model would reach.
+
+The evaluator classifies kind x colour (35 classes, `data.ShapesDataset(label="kind_color")`)
+and was also trained to give a uniform prediction on noise and blank images (outlier exposure,
+Hendrycks et al. 2019), so `confident_fraction` counts samples that look like a clean shape.
+
+    python -m minildm.metrics train-evaluator              # retrain the shipped evaluator (~1 min CPU)
+    python -m minildm.metrics score CHECKPOINT --num 256 --sampler ddim --steps 50
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from minildm import data
+
+EVALUATOR_PATH = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / "shapes-evaluator.safetensors"
+EVALUATOR_FORMAT = "minildm.shapes-evaluator/1"
+EVALUATOR_SIZE = 32  # the side the evaluator reads; other sizes are resized to it (real references too)
+FRECHET_NAME = "Fréchet distance on shapes-evaluator features"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance between Gaussians fitted to two feature sets
+
+
+def gaussian_frechet_distance(mean_a, cov_a, mean_b, cov_b) -> float:
+    """|m_a - m_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)): the squared 2-Wasserstein distance of two Gaussians.
+
+    Tr (S_a S_b)^(1/2) is computed as the sum of square roots of the eigenvalues of the symmetric
+    PSD matrix S_a^(1/2) S_b S_a^(1/2) (same spectrum as S_a S_b), in float64 with symmetric
+    eigendecompositions: no scipy, no complex parts, stable for singular covariances.
+    """
+    mean_a, mean_b = (torch.as_tensor(m, dtype=torch.float64) for m in (mean_a, mean_b))
+    cov_a, cov_b = (torch.as_tensor(c, dtype=torch.float64) for c in (cov_a, cov_b))
+    if cov_a.shape != cov_b.shape or mean_a.shape != mean_b.shape or cov_a.shape != (len(mean_a), len(mean_a)):
+        raise ValueError(f"means {tuple(mean_a.shape)}, {tuple(mean_b.shape)} and covariances {tuple(cov_a.shape)}, "
+                         f"{tuple(cov_b.shape)} must be [D] and [D, D] for the same D")
+    sqrt_a = _psd_sqrt(cov_a)
+    middle = sqrt_a @ cov_b @ sqrt_a
+    eigenvalues = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0)
+    trace_sqrt = eigenvalues.sqrt().sum()
+    value = (mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt
+    return max(value.item(), 0.0)
+
+
+def frechet_distance(features_a, features_b) -> float:
+    """Fréchet distance between Gaussians fitted (mean, unbiased covariance) to features [N_a, D] and [N_b, D]."""
+    mean_a, cov_a = _gaussian(features_a)
+    mean_b, cov_b = _gaussian(features_b)
+    return gaussian_frechet_distance(mean_a, cov_a, mean_b, cov_b)
+
+
+def _gaussian(features) -> tuple[torch.Tensor, torch.Tensor]:
+    features = torch.as_tensor(features).detach().to("cpu", torch.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features must be [N, D] with N >= 2 (a covariance needs two points); "
+                         f"got shape {tuple(features.shape)}")
+    return features.mean(dim=0), torch.cov(features.T).reshape(features.shape[1], features.shape[1])
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+
+
+def confident_fraction(probs, threshold: float = 0.9) -> float:
+    """Fraction of rows of class probabilities [N, K] whose largest probability is at least `threshold`."""
+    probs = torch.as_tensor(probs)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be [N, K] class probabilities; got shape {tuple(probs.shape)}")
+    return (probs.max(dim=1).values >= threshold).double().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluator network
+
+
+class ShapesEvaluator(nn.Module):
+    """A 4-layer CNN for 32x32 shapes: features(x) [N, 64], forward(x) -> logits [N, 35] over kind x colour.
+
+    Class c = kind * len(COLORS) + colour (`data.ShapesDataset(label="kind_color")`); `kind_probs`
+    and `color_probs` marginalise the softmax. Features are the pre-activation 64-d layer.
+    """
+
+    num_features = 64
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 32 -> 16
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16 -> 8
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, self.num_features, 3, padding=1),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten())                        # strongest response anywhere
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(self.num_features, len(data.SHAPES) * len(data.COLORS)))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def kind_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Shape-kind probabilities [N, 5] from kind x colour logits [N, 35]."""
+    return logits.softmax(dim=1).view(len(logits), len(data.SHAPES), len(data.COLORS)).sum(dim=2)
+
+
+def color_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Colour probabilities [N, 7] from kind x colour logits [N, 35]."""
+    return logits.softmax(dim=1).view(len(logits), len(data.SHAPES), len(data.COLORS)).sum(dim=1)
+
+
+def _outliers(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Images that are not shapes, [n, 3, 32, 32] in [-1, 1]: white noise, smooth noise, flat colours."""
+    size = EVALUATOR_SIZE
+    which = torch.randint(3, (n, 1, 1, 1), generator=generator)
+    scale = 0.2 + 0.8 * torch.rand(n, 1, 1, 1, generator=generator)
+    white = scale * torch.randn(n, 3, size, size, generator=generator)
+    coarse = torch.randn(n, 3, 8, 8, generator=generator)
+    smooth = scale * 2 * F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+    flat = (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1) * (torch.rand(n, 1, 1, 1, generator=generator) < 0.5)
+    flat = flat.expand(n, 3, size, size)
+    images = torch.where(which == 0, white, torch.where(which == 1, smooth, flat))
+    return images.clamp(-1, 1)
+
+
+def train_evaluator(*, num_samples: int = 20_000, steps: int = 600, batch_size: int = 64, num_outliers: int = 16,
+                    lr: float = 3e-3, seed: int = 0, log_every: int = 0) -> ShapesEvaluator:
+    """Train a `ShapesEvaluator` on `ShapesDataset(num_samples, 32, seed, label="kind_color")` (Adam, cosine lr).
+
+    Each step adds `num_outliers` non-shape images whose target is the uniform distribution
+    (cross-entropy to uniform, weight 1): the evaluator learns to be unsure of what is not a shape.
+    """
+    torch.manual_seed(seed)
+    dataset = data.ShapesDataset(num_samples, EVALUATOR_SIZE, seed=seed, label="kind_color")
+    images, labels = dataset.tensors()
+    model = ShapesEvaluator()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        index = torch.randint(num_samples, (batch_size,), generator=generator)
+        outliers = _outliers(num_outliers, generator)
+        logits = model(torch.cat([images[index], outliers]))
+        loss = F.cross_entropy(logits[:batch_size], labels[index])
+        loss = loss - logits[batch_size:].log_softmax(dim=1).mean()  # cross-entropy to the uniform target
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if log_every and (step + 1) % log_every == 0:
+            print(f"evaluator step {step + 1}/{steps}: loss {loss.item():.4f}", flush=True)
+    return model.eval().requires_grad_(False)
+
+
+def save_evaluator(model: ShapesEvaluator, path=EVALUATOR_PATH, info: dict | None = None) -> Path:
+    """Write the evaluator's weights (safetensors) with `info` (training settings, accuracy) in the header."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": EVALUATOR_FORMAT, "info": json.dumps(info or {})})
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def load_evaluator(path=None, device="cpu") -> ShapesEvaluator:
+    """The shipped evaluator (eval mode, no gradients), read from data/checkpoints (no network needed); cached."""
+    from safetensors import safe_open
+
+    from minildm import checkpoints
+
+    path = Path(path) if path is not None else EVALUATOR_PATH
+    if not path.is_file():
+        raise FileNotFoundError(f"no shapes evaluator at {path}; it ships in data/checkpoints of the source tree. "
+                                f"Recreate it with `python -m minildm.metrics train-evaluator --out {path}`")
+    with safe_open(str(path), framework="pt", device=str(device)) as file:
+        if (file.metadata() or {}).get("format") != EVALUATOR_FORMAT:
+            raise ValueError(f"{path} is not a shapes evaluator (expected format {EVALUATOR_FORMAT!r})")
+        state_dict = {k: file.get_tensor(k) for k in file.keys()}
+    model = ShapesEvaluator().to(device)
+    checkpoints.load_weights(model, state_dict, source=str(path))
+    return model.eval().requires_grad_(False)
+
+
+def evaluator_info(path=None) -> dict:
+    """The training settings and measured accuracy stored in the evaluator file's header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path or EVALUATOR_PATH), framework="pt") as file:
+        return json.loads((file.metadata() or {}).get("info", "{}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring images
+
+
+@torch.no_grad()
+def classify(images: torch.Tensor, evaluator: ShapesEvaluator | None = None, batch_size: int = 500) -> dict:
+    """Run the evaluator on images [N, 3, H, W] in [-1, 1] (resized to 32x32 if needed).
+
+    Returns dict(features [N, 64], kind_probs [N, 5], color_probs [N, 7], kind [N], color [N]) on the CPU.
+    """
+    evaluator = evaluator if evaluator is not None else load_evaluator()
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be RGB [N, 3, H, W] in [-1, 1]; got shape {tuple(images.shape)}")
+    device = next(evaluator.parameters()).device
+    features, logits = [], []
+    for batch in images.split(batch_size):
+        batch = batch.to(device, torch.float32).clamp(-1, 1)
+        if batch.shape[-1] != EVALUATOR_SIZE or batch.shape[-2] != EVALUATOR_SIZE:
+            batch = F.interpolate(batch, size=EVALUATOR_SIZE, mode="bilinear", antialias=True, align_corners=False)
+        feature = evaluator.features(batch)
+        features.append(feature.cpu())
+        logits.append(evaluator.head(feature).cpu())
+    logits = torch.cat(logits)
+    kinds, colors = kind_probs(logits), color_probs(logits)
+    return {"features": torch.cat(features), "kind_probs": kinds, "color_probs": colors,
+            "kind": kinds.argmax(dim=1), "color": colors.argmax(dim=1)}
+
+
+@functools.lru_cache(maxsize=8)
+def _real_outputs(num: int, image_size: int, seed: int, evaluator_path) -> dict:
+    images, _ = data.ShapesDataset(num, image_size, seed=seed).tensors()
+    return classify(images, load_evaluator(evaluator_path))
+
+
+def evaluate_shapes(images: torch.Tensor, *, threshold: float = 0.9, num_reference: int = 2000,
+                    evaluator_path=None) -> dict:
+    """Score generated shapes [N, 3, H, W] in [-1, 1] against real held-out shapes rendered at the same size.
+
+    Returns a dict:
+      confident_fraction       fraction whose most likely kind has probability >= threshold
+      class_histogram          {kind: fraction of images} by the evaluator's most likely kind
+      color_histogram          {colour: fraction of images}
+      frechet_distance_to_real Fréchet distance on shapes-evaluator features to `num_reference`
+                               held-out images (data seed 1, the split training never sees)
+      frechet_distance_floor   the same distance for N real images (data seed 2): what a perfect model gets
+      real_confident_fraction  confident_fraction of those N real images
+      num_images, num_reference, metric (the distance's name)
+    """
+    n, size = images.shape[0], images.shape[-1]
+    if n < 2:
+        raise ValueError("evaluate_shapes needs at least 2 images (the Fréchet distance fits a covariance)")
+    path = str(evaluator_path or EVALUATOR_PATH)
+    outputs = classify(images, load_evaluator(path))
+    reference = _real_outputs(num_reference, size, 1, path)
+    real = _real_outputs(n, size, 2, path)
+    kinds = torch.bincount(outputs["kind"], minlength=len(data.SHAPES)).double() / n
+    colors = torch.bincount(outputs["color"], minlength=len(data.COLORS)).double() / n
+    return {
+        "num_images": n,
+        "confident_fraction": confident_fraction(outputs["kind_probs"], threshold),
+        "class_histogram": {name: round(v.item(), 4) for name, v in zip(data.SHAPES, kinds)},
+        "color_histogram": {name: round(v.item(), 4) for name, v in zip(data.COLORS, colors)},
+        "frechet_distance_to_real": frechet_distance(outputs["features"], reference["features"]),
+        "frechet_distance_floor": frechet_distance(real["features"], reference["features"]),
+        "real_confident_fraction": confident_fraction(real["kind_probs"], threshold),
+        "num_reference": num_reference,
+        "metric": f"{FRECHET_NAME} (64-d, {num_reference} held-out references; not FID)",
+    }
+
+
+def heldout_accuracy(evaluator: ShapesEvaluator | None = None, num: int = 2000, seed: int = 1) -> dict:
+    """Kind, colour and kind x colour accuracy of the evaluator on `num` held-out shapes (data seed `seed`)."""
+    dataset = data.ShapesDataset(num, EVALUATOR_SIZE, seed=seed, label="kind_color")
+    images, labels = dataset.tensors()
+    out = classify(images, evaluator)
+    kind, color = labels // len(data.COLORS), labels % len(data.COLORS)
+    return {"kind": (out["kind"] == kind).double().mean().item(),
+            "color": (out["color"] == color).double().mean().item(),
+            "kind_color": ((out["kind"] == kind) & (out["color"] == color)).double().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m minildm.metrics {train-evaluator, score}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m minildm.metrics", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("train-evaluator", help="train the shapes evaluator and write its weights")
+    p.add_argument("--out", default=str(EVALUATOR_PATH))
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p = commands.add_parser("score", help="sample a shapes checkpoint and print evaluate_shapes as JSON")
+    p.add_argument("checkpoint")
+    p.add_argument("--num", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps, respaced evenly over T")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", help="also write the first 64 samples as a PNG grid here")
+    args = parser.parse_args(argv)
+
+    if args.command == "train-evaluator":
+        start = time.process_time()
+        model = train_evaluator(steps=args.steps, seed=args.seed, log_every=100)
+        cpu = time.process_time() - start
+        accuracy = heldout_accuracy(model)
+        info = {"trained_with": f"metrics.train_evaluator(steps={args.steps}, seed={args.seed})",
+                "train_cpu_s": round(cpu, 1), "heldout_accuracy": accuracy, "heldout": "ShapesDataset(2000, 32, seed=1)"}
+        print(json.dumps(info))
+        print(f"wrote {save_evaluator(model, args.out, info)}")
+        return 0
+
+    from minildm import build_diffusion, checkpoints, train
+
+    loaded = checkpoints.load(args.checkpoint)
+    model = loaded.ema if loaded.ema is not None else loaded.model
+    diffusion = build_diffusion(loaded.config)
+    start, samples = time.process_time(), []
+    for i in range(math.ceil(args.num / args.batch_size)):
+        num = min(args.batch_size, args.num - i * args.batch_size)
+        samples.append(train.generate(model, diffusion, loaded.config, num, sampler=args.sampler, steps=args.steps,
+                                      seed=args.seed + i))
+    samples = torch.cat(samples)
+    report = evaluate_shapes(samples)
+    report.update(checkpoint=str(args.checkpoint), step=loaded.step, sampler=args.sampler, steps=args.steps,
+                  seed=args.seed, sample_cpu_s=round(time.process_time() - start, 1))
+    if args.grid:
+        train.save_grid(samples[:64], args.grid)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

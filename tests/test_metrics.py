@@ -1,0 +1,117 @@
+"""Metrics: Fréchet distance identities and closed forms, the shipped shapes evaluator, evaluate_shapes."""
+
+import math
+
+import pytest
+import torch
+
+from minildm import data, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_symmetric():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    b = 0.5 * torch.randn(200, 8, generator=g) + 1.0
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert metrics.frechet_distance(a, b) == pytest.approx(metrics.frechet_distance(b, a), rel=1e-9)
+    assert metrics.frechet_distance(a, b) > 1.0
+
+
+def test_frechet_distance_of_a_shifted_set_is_the_squared_shift():
+    # Same covariance, means differ by c: the distance is |c|^2 exactly.
+    a = torch.randn(500, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, -1.0], dtype=torch.float64)
+    assert metrics.frechet_distance(a, a + shift) == pytest.approx(shift.square().sum().item(), rel=1e-9)
+
+
+def test_gaussian_frechet_distance_diagonal_closed_form():
+    # Diagonal covariances commute: d = |m1 - m2|^2 + sum_i (s1_i - s2_i)^2 with s the standard deviations.
+    m1, m2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, -1.0])
+    s1, s2 = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, 0.5, 0.5])
+    expected = (m1 - m2).square().sum() + (s1 - s2).square().sum()  # 10 + 4 + 2.25 = 16.25
+    got = metrics.gaussian_frechet_distance(m1, torch.diag(s1**2), m2, torch.diag(s2**2))
+    assert got == pytest.approx(expected.item(), rel=1e-12) and expected.item() == 16.25
+
+
+def test_gaussian_frechet_distance_non_commuting_2x2_closed_form():
+    # For 2x2 A = S1 S2 with eigenvalues l1, l2 >= 0: Tr sqrt(A) = sqrt(Tr A + 2 sqrt(det A)).
+    s1 = torch.tensor([[2.0, 0.8], [0.8, 1.0]], dtype=torch.float64)
+    s2 = torch.tensor([[1.0, -0.3], [-0.3, 0.5]], dtype=torch.float64)
+    product = s1 @ s2
+    trace_sqrt = math.sqrt(product.trace().item() + 2 * math.sqrt(torch.linalg.det(product).item()))
+    expected = (s1.trace() + s2.trace()).item() - 2 * trace_sqrt
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert metrics.gaussian_frechet_distance(zero, s1, zero, s2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_with_singular_covariance_is_finite():
+    # Fewer points than dimensions: rank-deficient covariances must not give NaN or a negative value.
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(10, 32, generator=g), torch.randn(12, 32, generator=g)
+    value = metrics.frechet_distance(a, b)
+    assert math.isfinite(value) and value > 0
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        metrics.frechet_distance(torch.randn(10), torch.randn(10))
+    with pytest.raises(ValueError, match="same D"):
+        metrics.frechet_distance(torch.randn(10, 3), torch.randn(10, 4))
+
+
+def test_confident_fraction():
+    probs = torch.tensor([[0.95, 0.05], [0.5, 0.5], [0.1, 0.9], [0.2, 0.8]])
+    assert metrics.confident_fraction(probs) == 0.5
+    assert metrics.confident_fraction(probs, threshold=0.75) == 0.75
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped evaluator
+
+
+def test_shipped_evaluator_classifies_heldout_shapes():
+    accuracy = metrics.heldout_accuracy(num=500, seed=5)
+    assert accuracy["kind"] >= 0.98 and accuracy["color"] >= 0.98, accuracy
+
+
+def test_evaluate_shapes_real_images_reach_the_floor():
+    images, _ = data.ShapesDataset(256, 32, seed=7).tensors()
+    report = metrics.evaluate_shapes(images, num_reference=1000)
+    assert report["confident_fraction"] >= 0.95 and report["real_confident_fraction"] >= 0.95
+    assert report["frechet_distance_to_real"] < 1.5 * report["frechet_distance_floor"]
+    assert sum(report["class_histogram"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert min(report["class_histogram"].values()) > 0.1  # five kinds, roughly uniform
+    assert "not FID" in report["metric"]
+
+
+def test_evaluate_shapes_noise_and_blank_images_score_badly():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(128, 3, 32, 32, generator=g).clamp(-1, 1)
+    blank = torch.full((128, 3, 32, 32), -1.0)
+    for images in (noise, blank):
+        report = metrics.evaluate_shapes(images, num_reference=1000)
+        assert report["confident_fraction"] <= 0.1
+        assert report["frechet_distance_to_real"] > 10 * report["frechet_distance_floor"]
+
+
+def test_evaluate_shapes_resizes_other_sizes_with_a_matching_reference():
+    # 16x16 shapes are compared with 16x16 real shapes, both resized to 32x32 for the evaluator.
+    images, _ = data.ShapesDataset(64, 16, seed=7).tensors()
+    report = metrics.evaluate_shapes(images, num_reference=500)
+    assert report["frechet_distance_to_real"] < 2 * report["frechet_distance_floor"]
+
+
+def test_evaluator_save_load_round_trip_and_missing_file(tmp_path):
+    model = metrics.ShapesEvaluator().eval()
+    path = metrics.save_evaluator(model, tmp_path / "evaluator.safetensors", info={"note": "untrained"})
+    loaded = metrics.load_evaluator(path)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(loaded(x), model(x))
+    assert metrics.evaluator_info(path) == {"note": "untrained"}
+    with pytest.raises(FileNotFoundError, match="train-evaluator"):
+        metrics.load_evaluator(tmp_path / "missing.safetensors")
