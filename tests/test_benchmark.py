@@ -1,0 +1,123 @@
+"""The speed benchmark against diffusers: the architecture translation (equal parameter counts) and one
+round of every timed step on tiny UNets. Speed itself is not asserted (it depends on the machine)."""
+
+import sys
+
+import pytest
+import torch
+
+import minildm
+from minildm import benchmark, presets
+from minildm.config import Config, UNetConfig
+from minildm.layers import count_parameters
+
+def _has_diffusers() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_diffusers = pytest.mark.skipif(not _has_diffusers(), reason="diffusers is not installed (pip install -e .[bench])")
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one thread avoids OpenMP oversubscription (which costs ~20x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_DDPM = UNetConfig(image_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                       dropout=0.1)
+TINY_ADM = UNetConfig(image_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8, 4),
+                      num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True,
+                      use_new_attention_order=True, learn_sigma=True, num_classes=5, dropout=0.1)
+
+
+def _config(unet: UNetConfig, **diffusion) -> Config:
+    config = Config(unet=unet)
+    for key, value in diffusion.items():
+        setattr(config.diffusion, key, value)
+    return config
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name", ["ddpm-cifar10", "iddpm-cifar10", "adm-imagenet64", "adm-imagenet256",
+                                  "adm-upsampler-64-256", "adm-imagenet512"])
+def test_paper_presets_have_the_same_parameter_count_in_diffusers(name):
+    config = presets.get(name)
+    ours = count_parameters(minildm.build_model(config, device="meta"))
+    with torch.device("meta"):
+        theirs = count_parameters(benchmark.DiffusersDenoiser(config.unet))
+    assert ours == presets.info(name).params
+    # Exact, except adm-imagenet512 (channel_mult[0] = 0.5): its time_embed input width has no diffusers setting.
+    assert ours - theirs == benchmark.known_difference(config.unet)
+    assert (benchmark.known_difference(config.unet) != 0) == (name == "adm-imagenet512")
+    if name == "ddpm-cifar10":
+        assert theirs == 35_746_307
+
+
+@needs_diffusers
+@pytest.mark.parametrize("unet, diffusion", [
+    (TINY_DDPM, {}),
+    (TINY_ADM, dict(model_var_type="learned_range", loss_type="hybrid", beta_schedule="cosine")),
+    (UNetConfig(**{**TINY_ADM.__dict__, "super_res": True}), dict(model_var_type="learned_range", loss_type="hybrid")),
+], ids=["ddpm", "adm", "adm-super-res"])
+def test_compare_times_both_steps_of_both_models(unet, diffusion):
+    lines = []
+    results = benchmark.compare(_config(unet, **diffusion), batch=2, repeats=1, warmup=0, log=lines.append)
+    assert results["counts"]["minildm"] == results["counts"]["diffusers"]
+    assert "(equal)" in lines[0]
+    for label in ("train step", "DDIM step"):
+        times = results["times"][label]
+        assert len(times["minildm"]) == len(times["diffusers"]) == 1
+        assert min(times["minildm"] + times["diffusers"]) > 0
+    table = benchmark.format_table(results["times"])
+    assert "train step" in table and "DDIM step" in table and "ratio minildm/diffusers" in table
+
+
+@needs_diffusers
+def test_train_step_changes_the_weights_and_ddim_step_leaves_them():
+    config = _config(TINY_ADM, model_var_type="learned_range", loss_type="hybrid")
+    model = benchmark.DiffusersDenoiser(config.unet)
+    diffusion = minildm.build_diffusion(config)
+    inputs = benchmark.make_inputs(config, 2, "cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    benchmark.ddim_step(model, diffusion, inputs)()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not model.training
+    benchmark.train_step(model, diffusion, inputs)()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_time_interleaved_alternates_the_order():
+    calls = []
+    times = benchmark.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                       repeats=3, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [len(v) for v in times.values()] == [3, 3]
+
+
+def test_conv_resample_off_is_rejected_with_a_hint():
+    with pytest.raises(ValueError, match="conv_resample"):
+        benchmark.diffusers_kwargs(UNetConfig(conv_resample=False))
+
+
+@needs_diffusers
+def test_main_prints_counts_and_table(capsys):
+    benchmark.main(["--preset", "toy-shapes", "--batch", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
+                    "--set", "unet.image_size=8", "unet.channel_mult=1,2", "unet.attention_resolutions=4"])
+    out = capsys.readouterr().out
+    assert "parameters: minildm" in out and "(equal)" in out
+    assert "train step" in out and "DDIM step" in out
+
+
+def test_main_without_diffusers_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
+    with pytest.raises(SystemExit, match=r"pip install -e \.\[bench\]"):
+        benchmark.main(["--preset", "toy-shapes"])
