@@ -22,7 +22,7 @@ import urllib.error
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 # ---------------------------------------------------------------------------------------------
 # Procedural shapes: class labels, captions and boxes for the conditioning chapters.
@@ -363,7 +363,7 @@ def photo(image_size: int = 256) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# One entry point for configs, and batches for the training loop.
+# One entry point for configs (batches for training: train.StepBatches).
 
 DATASETS = ("shapes", "toy2d", "cifar10", "mnist", "imagefolder")
 
@@ -388,27 +388,3 @@ def build_dataset(config, train: bool = True) -> Dataset:
         return image_folder(path, config.image_size, config.random_flip and train)
     raise ValueError(f"unknown dataset {name!r}; set data.dataset to one of {', '.join(DATASETS)}")
 
-
-def infinite_batches(dataset: Dataset, batch_size: int, *, seed: int = 0, start_step: int = 0, shuffle: bool = True,
-                     rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
-    """Yield batches forever; step k is always the same batch, so a run resumed at `start_step` continues exactly.
-
-    Epoch e visits a permutation drawn from `seed + e`; each of `world_size` processes takes every
-    `world_size`-th index of it (DDP) and batches of `batch_size` (incomplete last batches dropped).
-    """
-    per_rank = len(dataset) // world_size
-    steps_per_epoch = per_rank // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"the dataset has {len(dataset)} items, fewer than one batch of {batch_size} per process "
-                         f"({world_size} processes); lower train.batch_size or raise data.num_samples")
-    epoch, offset = divmod(start_step, steps_per_epoch)
-    while True:
-        if shuffle:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
-        else:
-            order = torch.arange(len(dataset))
-        order = order[rank:per_rank * world_size:world_size][offset * batch_size:steps_per_epoch * batch_size]
-        loader = DataLoader(dataset, batch_size, sampler=order.tolist(), num_workers=num_workers,
-                            pin_memory=pin_memory, drop_last=True)
-        yield from loader
-        epoch, offset = epoch + 1, 0

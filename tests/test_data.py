@@ -205,21 +205,6 @@ def test_image_folder_flat_and_classes(tmp_path):
         data.image_folder(tmp_path / "missing")
 
 
-def test_infinite_batches_resume_exactly_and_split_across_ranks():
-    dataset = data.Toy2DDataset("moons", num_samples=50, seed=0)
-    stream = data.infinite_batches(dataset, 8, seed=3)
-    first = [next(stream)[0] for _ in range(15)]  # 6 batches per epoch: crosses two epoch boundaries
-    resumed = data.infinite_batches(dataset, 8, seed=3, start_step=9)
-    for k in range(9, 15):
-        assert torch.equal(next(resumed)[0], first[k])
-    epoch0 = torch.cat(first[:6])
-    assert len({tuple(p.tolist()) for p in epoch0}) == 48  # no repeats within an epoch
-    ranks = [next(data.infinite_batches(dataset, 4, seed=3, rank=r, world_size=2))[0] for r in range(2)]
-    assert not torch.equal(ranks[0], ranks[1])
-    with pytest.raises(ValueError, match="batch_size"):
-        next(data.infinite_batches(dataset, 64))
-
-
 def test_photo_is_a_real_image_at_any_size():
     x = data.photo(64)
     assert x.shape == (3, 64, 64) and -1 <= x.min() < -0.5 and 0.5 < x.max() <= 1
