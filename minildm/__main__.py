@@ -135,7 +135,8 @@ def _train(args) -> int:
     config.train.out_dir = str(out)
     main_process = os.environ.get("RANK", "0") == "0"
     if main_process and not args.quiet:
-        print(f"training {args.preset} -> {out}" + (f" (overrides: {' '.join(args.overrides)})" if args.overrides else ""))
+        overrides = f" (overrides: {' '.join(args.overrides)})" if args.overrides else ""
+        print(f"training {args.preset} -> {out}{overrides}")
     train.train(config, resume=args.resume, max_steps=args.max_steps, device=args.device, verbose=not args.quiet)
     if main_process and not args.quiet and config.train.save_every > 0:
         print(f"checkpoint: {existing}")
