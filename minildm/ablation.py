@@ -60,6 +60,8 @@ ADM_VARIANTS = {
     "+adagn": ADAGN,
     "adm": ATTENTION + UPDOWN + ADAGN,
 }
+# Training order of a full run: the two ends of the ablation first, so a run cut short still compares them.
+ADM_RUN_ORDER = ("ddpm", "adm", "+adagn", "+updown", "+attention")
 # The learned-variance pair: the ADM network, cosine schedule (iDDPM).
 VARIANCE_VARIANTS = {
     "fixed": ATTENTION + UPDOWN + ADAGN + ["diffusion.beta_schedule=cosine"],
@@ -79,23 +81,25 @@ def make_config(overrides=(), *, base=BASE):
 
 
 def train_for_budget(config, budget_s: float, *, max_steps: int | None = None, log_every: int = 25,
-                     num_samples: int = 10_000):
+                     num_samples: int = 10_000, device=None):
     """Train `config`'s model until `budget_s` CPU seconds (process time) are spent; returns (model, ema, log).
 
-    The loop is `train.train`'s (same deterministic batches, t and noise per step, warmup, clipping,
-    EMA) without checkpoints, so it can stop on the clock. log: dict(step, cpu_s, loss) lists, one
-    entry per `log_every` steps (mean loss since the previous entry), and the totals.
+    The loop is `train.train`'s (same deterministic batches, t and noise per step, warmup, clipping)
+    without checkpoints, so it can stop on the clock; the EMA decay warms up as min(decay, (1+k)/(10+k)). log: dict(step, cpu_s, loss) lists, one
+    entry per `log_every` steps (mean loss since the previous entry), and the totals. On a GPU the
+    process time is the host's time, so pass `max_steps` there (and a large budget).
     """
+    device = torch.device(device or "cpu")
     cfg = config.train
     torch.manual_seed(cfg.seed)
-    model = minildm.build_model(config)
+    model = minildm.build_model(config).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     diffusion = minildm.build_diffusion(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                   weight_decay=cfg.weight_decay)
     dataset = data.ShapesDataset(num_samples, config.data.image_size, seed=0)
     batches = train.StepBatches(len(dataset), cfg.batch_size, seed=cfg.seed)
-    t_generator, noise_generator = torch.Generator(), torch.Generator()
+    t_generator, noise_generator = torch.Generator(), torch.Generator(device)
     log = {"step": [], "cpu_s": [], "loss": []}
     running, count, step = 0.0, 0, 0
     start = time.process_time()
@@ -104,8 +108,9 @@ def train_for_budget(config, budget_s: float, *, max_steps: int | None = None, l
         x0, _ = dataset.tensors(batches.indices(step))
         t_generator.manual_seed(train.step_seed(cfg.seed, step))
         noise_generator.manual_seed(train.step_seed(cfg.seed, step))
-        t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=t_generator)
-        noise = torch.randn(x0.shape, generator=noise_generator)
+        x0 = x0.to(device)
+        t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=t_generator).to(device)
+        noise = torch.randn(x0.shape, generator=noise_generator, device=device)
         for group in optimizer.param_groups:
             group["lr"] = train.learning_rate(cfg, step)
         loss = diffusion.training_losses(model, x0, t, noise=noise)["loss"].mean()
@@ -114,13 +119,15 @@ def train_for_budget(config, budget_s: float, *, max_steps: int | None = None, l
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        train.update_ema(ema, model, cfg.ema_decay)
+        # EMA with a warmup (TensorFlow's num_updates rule): a run of a few hundred steps must not keep
+        # a large share of the random initial weights in its average (0.995^400 = 13%).
+        train.update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
-        running, count = running + loss.item(), count + 1
+        running, count = running + loss.detach(), count + 1
         if step % log_every == 0:
             log["step"].append(step)
             log["cpu_s"].append(round(time.process_time() - start, 2))
-            log["loss"].append(round(running / count, 5))
+            log["loss"].append(round(float(running) / count, 5))
             running, count = 0.0, 0
     model.eval()
     log["steps"] = step
@@ -133,13 +140,14 @@ def generate(model, diffusion, config, num: int, *, sampler: str = "ddim", steps
              batch_size: int = 128) -> torch.Tensor:
     """`num` samples [num, C, H, W] in [-1, 1]: DDIM (eta 0) or ancestral over `space_timesteps(T, str(steps))`."""
     timesteps = schedules.space_timesteps(diffusion.num_timesteps, str(steps))
-    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
     shape = (config.unet.in_channels, config.unet.image_size, config.unet.image_size)
     out = []
     for start in range(0, num, batch_size):
-        x_T = torch.randn((min(batch_size, num - start), *shape), generator=generator)
+        x_T = torch.randn((min(batch_size, num - start), *shape), generator=generator, device=device)
         run = sampling.ddim_sample if sampler == "ddim" else sampling.ddpm_sample
-        out.append(run(model, diffusion, x_T, timesteps, generator=generator, progress=False))
+        out.append(run(model, diffusion, x_T, timesteps, generator=generator, progress=False).cpu())
     return torch.cat(out)
 
 
@@ -160,6 +168,13 @@ def _try_quality(samples: torch.Tensor) -> dict | None:
         return None
 
 
+def _summary(quality: dict | None) -> str:
+    if quality is None:
+        return "quality not scored"
+    return (f"confident {quality['confident_fraction']:.3f}, Fréchet {quality['frechet_distance_to_real']:.1f} "
+            f"(floor {quality['frechet_distance_floor']:.1f})")
+
+
 def to_uint8(samples: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float images -> uint8 [0, 255] (what is stored and scored)."""
     return ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -170,15 +185,17 @@ def to_uint8(samples: torch.Tensor) -> torch.Tensor:
 
 
 def run_adm(budget_s: float, *, variants=None, num_samples: int = 128, sample_steps: int = 50,
-            max_steps: int | None = None, samples_dir: Path | None = None, on_result=None) -> dict:
+            max_steps: int | None = None, samples_dir: Path | None = None, on_result=None, extra=(),
+            device=None, log_every: int = 25) -> dict:
     """The ADM ablation: each variant trained for `budget_s` CPU seconds, then `num_samples` DDIM samples scored.
 
-    on_result(results) is called after each variant (to save partial results of a long run).
+    extra: overrides applied to every variant (e.g. a larger image size); on_result(results) is called
+    after each variant (to save partial results of a long run).
     """
     results = {}
-    for name in variants or ADM_VARIANTS:
-        config = make_config(ADM_VARIANTS[name])
-        model, ema, log = train_for_budget(config, budget_s, max_steps=max_steps)
+    for name in variants or ADM_RUN_ORDER:
+        config = make_config(ADM_VARIANTS[name] + list(extra))
+        model, ema, log = train_for_budget(config, budget_s, max_steps=max_steps, device=device, log_every=log_every)
         diffusion = minildm.build_diffusion(config)
         start = time.process_time()
         samples = generate(ema, diffusion, config, num_samples, sampler="ddim", steps=sample_steps)
@@ -196,8 +213,8 @@ def run_adm(budget_s: float, *, variants=None, num_samples: int = 128, sample_st
             "sample_cpu_s": sample_cpu_s,
             "quality": _try_quality(samples),
         }
-        print(f"{name:>11}: {results[name]['params']:,} params, {log['steps']} steps in {log['train_cpu_s']} "
-              f"CPU s, final loss {results[name]['final_loss']}, quality {results[name]['quality']}", flush=True)
+        print(f"{name:>11}: {results[name]['params']:,} params, {log['steps']} steps in {log['train_cpu_s']} CPU s, "
+              f"final loss {results[name]['final_loss']}, {_summary(results[name]['quality'])}", flush=True)
         if on_result is not None:
             on_result(results)
     return results
@@ -211,16 +228,17 @@ def fixed_variance_diffusions(config) -> dict[str, GaussianDiffusion]:
 
 
 def run_variance(budget_s: float, *, steps=SAMPLING_STEPS, num_samples: int = 128, bpd_samples: int = 0,
-                 max_steps: int | None = None, samples_dir: Path | None = None, on_result=None) -> dict:
+                 max_steps: int | None = None, samples_dir: Path | None = None, on_result=None, extra=(),
+                 device=None, log_every: int = 25) -> dict:
     """Fixed variance + L_simple vs learned_range + L_hybrid: quality (and bits/dim) vs respaced ancestral steps.
 
-    on_result(results) is called after each sampled row (to save partial results of a long run).
+    Both models are trained first; then every sampler runs 10 steps, then 25, ... so a run cut short
+    still compares them. on_result(results) is called after each sampled row (partial results).
     """
-    results = {}
-    held_out = data.ShapesDataset(max(bpd_samples, 1), 16, seed=1).tensors()[0]
+    results, trained = {}, {}
     for name, overrides in VARIANCE_VARIANTS.items():
-        config = make_config(overrides)
-        model, ema, log = train_for_budget(config, budget_s, max_steps=max_steps)
+        config = make_config(overrides + list(extra))
+        model, ema, log = train_for_budget(config, budget_s, max_steps=max_steps, device=device, log_every=log_every)
         if name == "fixed":
             samplers = {f"L_simple, sigma^2={label}": d for label, d in fixed_variance_diffusions(config).items()}
         else:
@@ -228,32 +246,37 @@ def run_variance(budget_s: float, *, steps=SAMPLING_STEPS, num_samples: int = 12
         if samples_dir is not None:
             Path(samples_dir).mkdir(parents=True, exist_ok=True)
             torch.save(ema.state_dict(), Path(samples_dir) / f"variance_{name}_ema.pt")
-        entry = {"overrides": overrides, "params": count_parameters(model), "steps": log["steps"],
-                 "train_cpu_s": log["train_cpu_s"],
-                 "final_loss": float(np.mean(log["loss"][-4:])) if log["loss"] else None,
-                 "loss_curve": {k: log[k] for k in ("step", "cpu_s", "loss")}, "sampling": {}}
-        for label, diffusion in samplers.items():
-            rows = []
-            for num_steps in steps:
+        results[name] = {"overrides": overrides, "params": count_parameters(model), "steps": log["steps"],
+                         "train_cpu_s": log["train_cpu_s"],
+                         "final_loss": float(np.mean(log["loss"][-4:])) if log["loss"] else None,
+                         "loss_curve": {k: log[k] for k in ("step", "cpu_s", "loss")},
+                         "sampling": {label: [] for label in samplers}}
+        trained[name] = (config, ema, samplers)
+        print(f"{name}: {log['steps']} steps in {log['train_cpu_s']} CPU s, final loss {results[name]['final_loss']}",
+              flush=True)
+        if on_result is not None:
+            on_result(results)
+    for num_steps in steps:
+        for name, (config, ema, samplers) in trained.items():
+            device_of_model = next(ema.parameters()).device
+            held_out = data.ShapesDataset(max(bpd_samples, 1), config.data.image_size, seed=1).tensors()[0]
+            for label, diffusion in samplers.items():
                 start = time.process_time()
                 samples = generate(ema, diffusion, config, num_samples, sampler="ddpm", steps=num_steps)
                 row = {"sampling_steps": num_steps, "sample_cpu_s": round(time.process_time() - start, 2)}
                 if samples_dir is not None:
-                    Path(samples_dir).mkdir(parents=True, exist_ok=True)
                     torch.save(to_uint8(samples), Path(samples_dir) / variance_samples_file(name, label, num_steps))
                 row["quality"] = _try_quality(samples)
                 if bpd_samples:
                     timesteps = schedules.space_timesteps(diffusion.num_timesteps, str(num_steps))
-                    bpd = diffusion.bits_per_dim(ema, held_out, timesteps=timesteps,
-                                                 generator=torch.Generator().manual_seed(0))
+                    bpd = diffusion.bits_per_dim(ema, held_out.to(device_of_model), timesteps=timesteps,
+                                                 generator=torch.Generator(device_of_model).manual_seed(0))
                     row["bits_per_dim"] = round(bpd["total_bpd"].mean().item(), 4)
-                rows.append(row)
-                print(f"{label:>30} {num_steps:>4} steps: {row}", flush=True)
-                entry["sampling"][label] = rows
-                results[name] = entry
+                results[name]["sampling"][label].append(row)
+                print(f"{label:>30} {num_steps:>4} steps: {_summary(row['quality'])}, "
+                      f"bits/dim {row.get('bits_per_dim')}", flush=True)
                 if on_result is not None:
                     on_result(results)
-        results[name] = entry
     return results
 
 
