@@ -137,15 +137,15 @@ def mixture_density(centers: torch.Tensor, std: float, lim: float = 3.0, resolut
     With centers = sqrt(alpha_bar_t) * x0_i and std = sqrt(1 - alpha_bar_t) this is exactly
     q(x_t) for the empirical data distribution of the x0_i (DDPM Eq. 4 averaged over the data).
     """
-    centers = centers.detach().float().cpu()
-    axis = torch.linspace(-lim, lim, resolution)
+    centers = centers.detach().float()  # computed where the centers live (a GPU makes FULL_SIZE runs fast)
+    axis = torch.linspace(-lim, lim, resolution, device=centers.device)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1).reshape(-1, 2)  # row = y, column = x
-    log_p = torch.empty(len(grid))
+    log_p = torch.empty(len(grid), device=centers.device)
     for i in range(0, len(grid), 4096):  # chunks keep the [grid, N] distance matrix small
         sq = torch.cdist(grid[i:i + 4096], centers).pow(2)
         log_p[i:i + 4096] = torch.logsumexp(-sq / (2 * std**2), dim=1)
     log_p += -np.log(len(centers)) - np.log(2 * np.pi * std**2)
-    return log_p.exp().reshape(resolution, resolution)
+    return log_p.exp().reshape(resolution, resolution).cpu()
 
 
 def density_2d(centers: torch.Tensor, std: float, ax=None, title: str | None = None, lim: float = 3.0,
