@@ -159,7 +159,7 @@ _ddpm256("ddpm-lsun-cat256", "LSUN Cat", 1_800_000, "FID 19.75")
 # T=4000, learned range variance, L_hybrid (vb rescaled by T/1000), lr 1e-4, EMA 0.9999.
 
 _IDDPM_UNET = dict(num_res_blocks=3, attention_resolutions=(16, 8), num_heads=4, use_scale_shift_norm=True,
-                   learn_sigma=True)
+                   learn_sigma=True, time_scale=1000 / 4000)  # rescale_timesteps=True: the net sees t * 1000 / T
 _IDDPM_DIFFUSION = dict(num_timesteps=4000, beta_schedule="cosine", model_var_type="learned_range",
                         loss_type="hybrid")
 
@@ -203,10 +203,11 @@ register(Preset(
     result="released checkpoint; no headline number in PAPER_FACTS",
     checkpoint="imagenet64_cond_270M_250K.pt",
     config=Config(
+        # README flags --rescale_learned_sigmas False --rescale_timesteps False: the net sees t itself, and the
+        # loss is mse + vb, i.e. hybrid_lambda * T = 1 with T = 4000.
         unet=UNetConfig(image_size=64, channels=192, channel_mult=(1, 2, 3, 4), dropout=0.0, num_classes=1000,
-                        **_IDDPM_UNET),
-        # rescale_learned_sigmas False in the README flags; with T=4000 our hybrid keeps vb * T/1000.
-        diffusion=DiffusionConfig(**_IDDPM_DIFFUSION),
+                        **{**_IDDPM_UNET, "time_scale": 1.0}),
+        diffusion=DiffusionConfig(**_IDDPM_DIFFUSION, hybrid_lambda=1 / 4000),
         data=DataConfig(dataset="imagefolder", image_size=64, random_flip=False),
         train=TrainConfig(batch_size=2048, lr=3e-4, warmup_steps=0, max_steps=250_000, ema_decay=0.9999,
                           out_dir="runs/iddpm-imagenet64-cond"),
@@ -241,7 +242,7 @@ register(Preset(
     config=Config(
         unet=UNetConfig(image_size=256, channels=192, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
                         attention_resolutions=(16, 8), num_heads=4, use_scale_shift_norm=True, learn_sigma=True,
-                        dropout=0.0, num_classes=1000, super_res=True),
+                        dropout=0.0, num_classes=1000, super_res=True, time_scale=1000 / 4000),
         diffusion=DiffusionConfig(num_timesteps=4000, beta_schedule="linear", model_var_type="learned_range",
                                   loss_type="hybrid"),
         data=DataConfig(dataset="imagefolder", image_size=256),

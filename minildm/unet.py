@@ -252,6 +252,8 @@ class UNet(nn.Module):
             upsampled = F.interpolate(low_res, x_t.shape[-2:], mode="bilinear")
             x_t = torch.cat([x_t, upsampled.to(x_t.dtype)], dim=1)
 
+        if self.config.time_scale != 1.0:  # iDDPM trained on t * 1000 / T (its rescale_timesteps)
+            t = t.float() * self.config.time_scale
         emb = timestep_embedding_adm(t, self.config.channels)  # [N, C], float32
         emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))  # [N, 4C]
         if self.config.num_classes > 0:

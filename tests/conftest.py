@@ -5,9 +5,12 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+import torch
 
 matplotlib.use("Agg")
 os.environ.setdefault("MINILDM_PROGRESS", "0")
+# One thread: the tiny models of the tests run faster, and results do not depend on the core count.
+torch.set_num_threads(1)
 
 # ../shared/reference next to the repository, or wherever MINILDM_REFERENCE points.
 REFERENCE = Path(os.environ.get("MINILDM_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))

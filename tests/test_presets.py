@@ -45,3 +45,13 @@ def test_adm_recipes():
     assert presets.get("adm-imagenet256").diffusion.loss_type == "hybrid"
     assert presets.get("iddpm-cifar10").diffusion.num_timesteps == 4000
     assert presets.get("adm-imagenet128").unet.num_heads == 4
+
+
+def test_iddpm_timestep_rescaling_follows_the_readme_flags():
+    # improved-diffusion trains with rescale_timesteps=True (the net sees t * 1000 / T) except where the
+    # README passes --rescale_timesteps False (ImageNet-64 conditional, which also drops the vb rescaling).
+    assert presets.get("iddpm-cifar10").unet.time_scale == 0.25
+    assert presets.get("iddpm-upsampler-64-256").unet.time_scale == 0.25
+    cond = presets.get("iddpm-imagenet64-cond")
+    assert cond.unet.time_scale == 1.0 and cond.diffusion.hybrid_lambda * cond.diffusion.num_timesteps == 1.0
+    assert presets.get("adm-imagenet64").unet.time_scale == 1.0

@@ -324,3 +324,18 @@ def test_meta_build_and_describe():
     conv3x3 = 128 * 128 * 9 + 128
     resblock = 2 * (2 * 128) + 2 * conv3x3 + (512 * 128 + 128)
     assert per_level[32][0] == (3 * 128 * 9 + 128) + 2 * resblock + conv3x3
+
+
+def test_time_scale_rescales_the_timestep_the_network_embeds():
+    config = replace(presets.get("toy-shapes").unet, time_scale=0.25)
+    torch.manual_seed(0)
+    scaled = unet.UNet(config).eval()
+    for p in scaled.parameters():  # the output conv is zero-initialised: make the output depend on t
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.05)
+    plain = unet.UNet(replace(config, time_scale=1.0)).eval()
+    plain.load_state_dict(scaled.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x, torch.tensor([400, 800])), plain(x, torch.tensor([100, 200])))
+        assert not torch.allclose(scaled(x, torch.tensor([400, 800])), plain(x, torch.tensor([400, 800])))
