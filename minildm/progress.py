@@ -17,5 +17,5 @@ def enabled() -> bool:
 
 def progress(iterable=None, **kwargs):
     """`tqdm.auto.tqdm(iterable, **kwargs)`, disabled when the course-wide switch is off."""
-    kwargs.setdefault("disable", not enabled())
+    kwargs["disable"] = kwargs.get("disable", False) or not enabled()  # the switch wins over disable=False
     return tqdm(iterable, **kwargs)
