@@ -162,7 +162,7 @@ def quality(samples: torch.Tensor) -> dict:
 
 def _try_quality(samples: torch.Tensor) -> dict | None:
     try:
-        return quality(samples)
+        return quality(to_uint8(samples).float() / 127.5 - 1)  # scored as stored: 8-bit, like the real data
     except Exception as error:  # no usable metrics: the samples are kept, score them later (`evaluate`)
         print(f"  quality skipped ({error}); run `python -m minildm.ablation evaluate ...` later", flush=True)
         return None
