@@ -47,14 +47,16 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool = False) ->
     """
     n, width, length = qkv.shape
     ch = width // (3 * num_heads)
+    # SDPA's fused kernels (flash / memory-efficient, CPU and CUDA) need 4-D [N, heads, T, ch] inputs with
+    # unit stride along ch; anything else falls back to the slow "math" path (bmm, softmax, masking).
+    # So make the tokens contiguous once and take q, k, v as views of them.
+    tokens = qkv.transpose(1, 2).contiguous()  # [N, T, 3C]
     if new_order:
-        q, k, v = qkv.chunk(3, dim=1)  # each [N, C, T]
-        q, k, v = (a.reshape(n * num_heads, ch, length) for a in (q, k, v))
+        q, k, v = tokens.view(n, length, 3, num_heads, ch).permute(2, 0, 3, 1, 4)  # each [N, H, T, ch]
     else:
-        q, k, v = qkv.reshape(n * num_heads, 3 * ch, length).split(ch, dim=1)
-    # SDPA wants [batch, tokens, ch]; its default scale is 1/sqrt(ch).
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).reshape(n, num_heads * ch, length)
+        q, k, v = tokens.view(n, length, num_heads, 3, ch).permute(3, 0, 2, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(ch); [N, H, T, ch]
+    return out.permute(0, 1, 3, 2).reshape(n, num_heads * ch, length)
 
 
 class AttentionBlock(nn.Module):
