@@ -149,7 +149,7 @@ def _outliers(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def train_evaluator(*, num_samples: int = 20_000, steps: int = 600, batch_size: int = 64, num_outliers: int = 16,
                     lr: float = 3e-3, seed: int = 0, log_every: int = 0) -> ShapesEvaluator:
-    """Train a `ShapesEvaluator` on `ShapesDataset(num_samples, 32, seed, label="kind_color")` (Adam, cosine lr).
+    """Train a `ShapesEvaluator` on `ShapesDataset(num_samples, 32, seed, label="kind_color")` (Adam, one-cycle lr).
 
     Each step adds `num_outliers` non-shape images whose target is the uniform distribution
     (cross-entropy to uniform, weight 1): the evaluator learns to be unsure of what is not a shape.
