@@ -308,7 +308,7 @@ def train(config, *, resume=True, max_steps=None, callback=None, out_dir=None, d
 def _note_config_changes(saved: dict, config) -> None:
     """Print the settings that differ from the checkpoint's (allowed: e.g. a longer max_steps)."""
     current = config_lib.to_dict(config)
-    changes = [f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+    changes = [f"{section}.{key}: {saved.get(section, {}).get(key, '(not set)')!r} -> {value!r}"
                for section, fields in current.items() if isinstance(fields, dict)
                for key, value in fields.items() if saved.get(section, {}).get(key) != value]
     if changes:
