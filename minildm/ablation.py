@@ -208,7 +208,7 @@ def run_adm(budget_s: float, *, variants=None, num_samples: int = 128, sample_st
             "overrides": ADM_VARIANTS[name],
             "params": count_parameters(model),
             "steps": log["steps"], "train_cpu_s": log["train_cpu_s"],
-            "final_loss": float(np.mean(log["loss"][-4:])) if log["loss"] else None,
+            "final_loss": round(float(np.mean(log["loss"][-4:])), 5) if log["loss"] else None,
             "loss_curve": {k: log[k] for k in ("step", "cpu_s", "loss")},
             "sample_cpu_s": sample_cpu_s,
             "quality": _try_quality(samples),
@@ -248,7 +248,7 @@ def run_variance(budget_s: float, *, steps=SAMPLING_STEPS, num_samples: int = 12
             torch.save(ema.state_dict(), Path(samples_dir) / f"variance_{name}_ema.pt")
         results[name] = {"overrides": overrides, "params": count_parameters(model), "steps": log["steps"],
                          "train_cpu_s": log["train_cpu_s"],
-                         "final_loss": float(np.mean(log["loss"][-4:])) if log["loss"] else None,
+                         "final_loss": round(float(np.mean(log["loss"][-4:])), 5) if log["loss"] else None,
                          "loss_curve": {k: log[k] for k in ("step", "cpu_s", "loss")},
                          "sampling": {label: [] for label in samplers}}
         trained[name] = (config, ema, samplers)
