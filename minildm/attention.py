@@ -67,13 +67,13 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
-                 use_new_attention_order: bool = False, use_checkpoint: bool = False):
+                 use_new_attention_order: bool = False, use_checkpoint: bool = False, norm_groups: int = 32):
         super().__init__()
         self.channels = channels
         self.num_heads = num_heads_for(channels, num_heads, num_head_channels)
         self.use_new_attention_order = use_new_attention_order
         self.use_checkpoint = use_checkpoint
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 

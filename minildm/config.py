@@ -40,6 +40,7 @@ class UNetConfig:
     num_classes: int = 0  # 0: unconditional; > 0 adds a class embedding to the time embedding
     super_res: bool = False  # ADM-U upsampler: concatenates the upsampled low-res image (in_channels × 2)
     use_checkpoint: bool = False  # gradient checkpointing of residual and attention blocks
+    norm_groups: int = 32  # GroupNorm groups (32 in every paper model; narrow toys need fewer, see presets)
     time_scale: float = 1.0  # the network embeds t * time_scale (improved-diffusion's rescale_timesteps: 1000 / T)
 
 

@@ -68,7 +68,7 @@ class GroupNorm32(nn.GroupNorm):
 
 
 def normalization(channels: int, num_groups: int = 32, eps: float = 1e-5) -> GroupNorm32:
-    """The UNet's norm layer: `GroupNorm32(32 groups, channels, eps=1e-5)`, affine."""
+    """The UNet's norm layer: `GroupNorm32(num_groups, channels, eps=1e-5)`, affine (32 groups in every paper model)."""
     if channels % num_groups:
         raise ValueError(
             f"GroupNorm with {num_groups} groups needs channels divisible by {num_groups}; got {channels}. "

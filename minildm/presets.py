@@ -76,12 +76,16 @@ register(Preset(
     ),
 ))
 
+# The image toys are 32 channels wide. With GroupNorm's 32 groups every group would be a single channel,
+# so the output norm would erase each image's per-channel mean and the network could not predict the
+# mean colour of eps: samples keep coloured backgrounds. 8 groups of 4 channels keep that information
+# (the paper models, >= 128 channels, have groups of >= 4 channels too).
 register(Preset(
     name="toy-shapes",
     summary="16x16 procedural shapes, tiny UNet (ch 32): the small image toy of chapters 01-03",
     config=Config(
         unet=UNetConfig(image_size=16, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                        attention_resolutions=(8,), dropout=0.0, num_head_channels=32),
+                        attention_resolutions=(8,), dropout=0.0, num_head_channels=32, norm_groups=8),
         diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="fixed_large"),
         data=DataConfig(dataset="shapes", image_size=16),
         train=TrainConfig(batch_size=32, lr=1e-3, warmup_steps=100, max_steps=2000, ema_decay=0.995,
@@ -95,11 +99,11 @@ register(Preset(
     summary="32x32 procedural shapes, small DDPM UNet (ch 32, mult 1,2,2, attention 8x8): the shipped CPU checkpoint",
     config=Config(
         unet=UNetConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                        attention_resolutions=(8,), dropout=0.0, num_head_channels=32),
+                        attention_resolutions=(8,), dropout=0.0, num_head_channels=32, norm_groups=8),
         diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="fixed_large"),
         data=DataConfig(dataset="shapes", image_size=32),
-        train=TrainConfig(batch_size=32, lr=1e-3, warmup_steps=200, max_steps=8000, ema_decay=0.999,
-                          sample_every=1000, save_every=1000, out_dir="runs/ddpm-shapes"),
+        train=TrainConfig(batch_size=16, lr=1e-3, warmup_steps=200, max_steps=3000, ema_decay=0.995,
+                          sample_every=500, save_every=250, out_dir="runs/ddpm-shapes"),
         sample=SampleConfig(num_samples=64, batch_size=64),
     ),
 ))

@@ -101,13 +101,13 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
                  use_conv: bool = False, use_scale_shift_norm: bool = False, use_checkpoint: bool = False,
-                 up: bool = False, down: bool = False):
+                 up: bool = False, down: bool = False, norm_groups: int = 32):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels, norm_groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -118,7 +118,7 @@ class ResBlock(nn.Module):
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
         self.out_layers = nn.Sequential(
-            normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            normalization(out_channels, norm_groups), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         if out_channels == channels:
             self.skip_connection = nn.Identity()
@@ -179,9 +179,10 @@ class UNet(nn.Module):
         emb_dim = 4 * base
         num_heads_up = config.num_heads_upsample if config.num_heads_upsample != -1 else config.num_heads
         attention = dict(num_head_channels=config.num_head_channels,
-                         use_new_attention_order=config.use_new_attention_order, use_checkpoint=config.use_checkpoint)
+                         use_new_attention_order=config.use_new_attention_order, use_checkpoint=config.use_checkpoint,
+                         norm_groups=config.norm_groups)
         resblock = dict(emb_channels=emb_dim, dropout=config.dropout, use_checkpoint=config.use_checkpoint,
-                        use_scale_shift_norm=config.use_scale_shift_norm)
+                        use_scale_shift_norm=config.use_scale_shift_norm, norm_groups=config.norm_groups)
         # For describe(): top-level block name -> (channels, feature-map side) of its output, and the
         # level (index into channel_mult) whose loop built it; a level's resampler belongs to that level.
         self.block_shapes: dict[str, tuple[int, int]] = {}
@@ -235,7 +236,7 @@ class UNet(nn.Module):
                 self._add(self.output_blocks, "output_blocks", layers, ch, side, level)
 
         out_channels = config.out_channels * (2 if config.learn_sigma else 1)
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(normalization(ch, config.norm_groups), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
         self.block_shapes["out"] = (out_channels, side)
 
     def _add(self, blocks: nn.ModuleList, name: str, layers: list, ch: int, side: int, level: int) -> None:

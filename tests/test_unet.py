@@ -339,3 +339,13 @@ def test_time_scale_rescales_the_timestep_the_network_embeds():
     with torch.no_grad():
         torch.testing.assert_close(scaled(x, torch.tensor([400, 800])), plain(x, torch.tensor([100, 200])))
         assert not torch.allclose(scaled(x, torch.tensor([400, 800])), plain(x, torch.tensor([400, 800])))
+
+
+def test_norm_groups_reach_every_norm_and_paper_models_keep_32():
+    narrow = unet.UNet(presets.get("toy-shapes").unet)
+    groups = {m.num_groups for m in narrow.modules() if isinstance(m, GroupNorm32)}
+    assert groups == {8}
+    paper = minildm.build_model(presets.get("adm-imagenet64"), device="meta")
+    assert {m.num_groups for m in paper.modules() if isinstance(m, GroupNorm32)} == {32}
+    with pytest.raises(ValueError, match="divisible by 24"):
+        unet.UNet(replace(presets.get("toy-shapes").unet, norm_groups=24))
