@@ -1,19 +1,32 @@
 """Speed of minildm's UNet against diffusers' `UNet2DModel` built to the same architecture.
 
-    python -m minildm.benchmark --preset ddpm-cifar10 --device cpu --batch 8 --steps 5
-    python -m minildm.benchmark --preset adm-imagenet64 --set unet.channels=64 --batch 2
+    python -m minildm.benchmark --preset ddpm-cifar10 --device cpu --batch 8 --steps 8
+    python -m minildm.benchmark --preset adm-imagenet64 --set unet.channels=64 --batch 4   # a reduced ADM
     python -m minildm.benchmark --preset ddpm-cifar10 --device cuda --dtype bf16 --batch 128
+    python -m minildm.benchmark --preset ddpm-cifar10 --batch 2 --profile   # torch.profiler tables instead
 
-Both networks are built from the same `UNetConfig` (`diffusers_kwargs` translates it; for DDPM
-presets into google/ddpm-cifar10-32's layout) and must have the same number of parameters. Two
-things are timed, with the same inputs, the same process code and the same threads:
+Both networks are built from the same `UNetConfig` (`diffusers_kwargs` translates it; DDPM presets
+into google/ddpm-cifar10-32's layout) and must have the same number of parameters (35,746,307 for
+ddpm-cifar10; every paper preset matches exactly except adm-imagenet512, see `known_difference`).
+Two things are timed, with the same inputs, the same process code and the same threads:
 
 - train step: `GaussianDiffusion.training_losses` (forward, L_simple / L_hybrid), backward, AdamW step;
 - DDIM step:  `sampling.ddim_step` in eval mode under no_grad (one model call + the DDIM update, Eq. 12).
 
 Rounds are interleaved and the order alternates (minildm, diffusers, then diffusers, minildm, ...),
 so a change of machine load hits both; the table reports medians and the median of the per-round
-ratios minildm / diffusers with their range. Needs diffusers: `pip install -e .[bench]`.
+ratios minildm / diffusers with their range. On a CPU shared with other jobs use `--threads 1
+--clock process` (CPU time of this process): several threads on a loaded machine mostly wait.
+
+Two things this benchmark found, for the record:
+- SDPA only takes its fused (flash) kernel for 4-D q, k, v with unit stride on the head channels;
+  attention.qkv_attention used to pass 3-D views and got the math fallback, which made ADM-64's DDIM
+  step 1.28x slower than diffusers on CPU (fixed there; on CUDA the same rule applies).
+- The first AdamW steps of a zero-initialised UNet (zero out-convs, as in guided-diffusion) have
+  exactly-zero gradients and second moments for most weights, and CPU sqrt of exact zeros is ~20x
+  slower than of other floats; hence the default of 3 untimed warmup rounds.
+
+Needs diffusers: `pip install -e .[bench]`.
 """
 
 from __future__ import annotations
@@ -96,10 +109,11 @@ def diffusers_kwargs(unet: UNetConfig) -> tuple[dict, list[str]]:
         downsample_type="resnet" if unet.resblock_updown else "conv",
         upsample_type="resnet" if unet.resblock_updown else "conv",
         resnet_time_scale_shift="scale_shift" if unet.use_scale_shift_norm else "default",
-        time_embedding_dim=4 * unet.channels,
         dropout=unet.dropout,
         num_class_embeds=unet.num_classes or None,
     )
+    if widths[0] != unet.channels:  # diffusers' default is 4 x width 0 (an argument older releases lack)
+        kwargs["time_embedding_dim"] = 4 * unet.channels
     return kwargs, notes
 
 
@@ -117,7 +131,7 @@ class DiffusersDenoiser(nn.Module):
         try:
             from diffusers import UNet2DModel
         except ImportError:
-            raise SystemExit(INSTALL_HINT) from None
+            raise ImportError(INSTALL_HINT) from None
         kwargs, self.notes = diffusers_kwargs(unet)
         self.unet = UNet2DModel(**kwargs)
 
@@ -183,19 +197,26 @@ def ddim_step(model: nn.Module, diffusion, inputs: dict, dtype: str = "fp32") ->
     return step
 
 
-def time_interleaved(steps: dict[str, Callable], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def time_interleaved(steps: dict[str, Callable], repeats: int, warmup: int = 1,
+                     clock: str = "wall") -> dict[str, list[float]]:
     """Milliseconds of each call, {name: [ms per round]}; round r runs the steps in turn, reversed every
-    other round (A B, B A, A B, ...). The first `warmup` rounds are run but not recorded."""
+    other round (A B, B A, A B, ...). The first `warmup` rounds are run but not recorded.
+    clock="process" counts the CPU time of this process instead of wall time: with one thread on a shared
+    CPU it leaves out the time other programs hold the core (but not their effect on the caches)."""
+    now = CLOCKS[clock]
     names = list(steps)
     times = {name: [] for name in names}
     for r in range(warmup + repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             _synchronize()
-            start = time.perf_counter()
+            start = now()
             steps[name]()
             _synchronize()
             if r >= warmup:
-                times[name].append(1000 * (time.perf_counter() - start))
+                times[name].append(1000 * (now() - start))
     return times
 
 
@@ -204,7 +225,8 @@ def time_interleaved(steps: dict[str, Callable], repeats: int, warmup: int = 1) 
 
 
 def compare(config: Config, *, batch: int, repeats: int, warmup: int = 3, device="cpu", dtype: str = "fp32",
-            channels_last: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+            channels_last: bool = False, clock: str = "wall", seed: int = 0,
+            log: Callable[[str], None] = print) -> dict:
     """Build both models, check parameter counts, time both steps; returns counts, notes and times."""
     if config.model != "unet":
         raise ValueError(f"the benchmark compares UNets; this config has model={config.model!r}")
@@ -226,24 +248,25 @@ def compare(config: Config, *, batch: int, repeats: int, warmup: int = 3, device
     for label, make in (("train step", train_step), ("DDIM step", ddim_step)):
         log(f"timing {label} ...")
         results["times"][label] = time_interleaved(
-            {name: make(model, diffusion, inputs, dtype) for name, model in models.items()}, repeats, warmup)
+            {name: make(model, diffusion, inputs, dtype) for name, model in models.items()}, repeats, warmup, clock)
     return results
 
 
 def parameter_line(counts: dict, notes: list[str]) -> str:
     a, b = counts["minildm"], counts["diffusers"]
-    verdict = "equal" if a == b else f"differ by {a - b:+,}: " + "; ".join(notes)
+    verdict = "equal" if a == b else f"differ by {a - b:+,}"
+    verdict = "; ".join([verdict, *notes])
     return f"parameters: minildm {a:,}  diffusers {b:,}  ({verdict})"
 
 
 def format_table(times: dict[str, dict[str, list[float]]]) -> str:
     """Median ms of each model and the median (min..max) of the per-round ratios minildm / diffusers."""
-    rows = [f"{'step':<12} {'minildm ms':>11} {'diffusers ms':>13} {'ratio minildm/diffusers':>25}"]
+    rows = [f"{'step':<12} {'minildm ms':>11} {'diffusers ms':>13} {'ratio minildm/diffusers (range)':>32}"]
     for label, t in times.items():
         ratios = [a / b for a, b in zip(t["minildm"], t["diffusers"])]
         spread = f"{statistics.median(ratios):.3f} ({min(ratios):.2f}..{max(ratios):.2f})"
         rows.append(f"{label:<12} {statistics.median(t['minildm']):>11.1f} "
-                    f"{statistics.median(t['diffusers']):>13.1f} {spread:>25}")
+                    f"{statistics.median(t['diffusers']):>13.1f} {spread:>32}")
     return "\n".join(rows)
 
 
@@ -283,8 +306,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="untimed rounds first; >= 3 so that a zero-initialised UNet has no all-zero AdamW state")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="process: CPU time of this process (steadier on a shared CPU with --threads 1)")
     parser.add_argument("--channels-last", action="store_true", help="both models in channels_last")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of a train step")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of both steps instead")
     args = parser.parse_args(argv)
     try:
         import diffusers
@@ -299,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     load = " load average %.2f %.2f %.2f," % os.getloadavg() if hasattr(os, "getloadavg") else ""
     print(f"{name}: batch {args.batch} x {config.unet.in_channels}x{config.unet.image_size}x{config.unet.image_size},"
-          f" {args.dtype}, {device.type} ({hardware}), {torch.get_num_threads()} threads,{load} "
+          f" {args.dtype}, {device.type} ({hardware}), {torch.get_num_threads()} threads, {args.clock} clock,{load} "
           f"torch {torch.__version__}, diffusers {diffusers.__version__}")
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
         print(f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: several threads will wait "
@@ -308,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         print(profile(config, batch=args.batch, device=device, dtype=args.dtype, warmup=args.warmup))
         return
     results = compare(config, batch=args.batch, repeats=args.steps, warmup=args.warmup, device=device,
-                      dtype=args.dtype, channels_last=args.channels_last)
+                      dtype=args.dtype, channels_last=args.channels_last, clock=args.clock)
     print(format_table(results["times"]))
 
 
