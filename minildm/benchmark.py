@@ -101,7 +101,8 @@ def diffusers_kwargs(unet: UNetConfig) -> tuple[dict, list[str]]:
         down_block_types=tuple(down_types),
         up_block_types=tuple(up_types),
         attention_head_dim=head_dim,
-        attn_norm_num_groups=32,  # else UNetMidBlock2D drops its attention norm with scale_shift
+        norm_num_groups=unet.norm_groups,
+        attn_norm_num_groups=unet.norm_groups,  # else UNetMidBlock2D drops its attention norm with scale_shift
         norm_eps=1e-6 if ddpm else 1e-5,
         flip_sin_to_cos=not ddpm,  # ADM: [cos | sin], frequencies / half
         freq_shift=1 if ddpm else 0,  # DDPM (TF): [sin | cos], frequencies / (half - 1)

@@ -103,6 +103,14 @@ def test_time_interleaved_alternates_the_order():
     assert [len(v) for v in times.values()] == [3, 3]
 
 
+@needs_diffusers
+def test_group_norms_have_the_configs_groups():
+    config = presets.get("toy-shapes")  # a narrow toy with 8 groups
+    model = benchmark.DiffusersDenoiser(config.unet)
+    groups = {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {config.unet.norm_groups} == {8}
+
+
 def test_conv_resample_off_is_rejected_with_a_hint():
     with pytest.raises(ValueError, match="conv_resample"):
         benchmark.diffusers_kwargs(UNetConfig(conv_resample=False))
