@@ -82,6 +82,14 @@ def test_compare_times_both_steps_of_both_models(unet, diffusion):
 
 
 @needs_diffusers
+def test_bf16_autocast_and_channels_last_run():
+    results = benchmark.compare(_config(TINY_ADM, model_var_type="learned_range", loss_type="hybrid"), batch=2,
+                                repeats=1, warmup=0, dtype="bf16", channels_last=True, clock="process",
+                                log=lambda line: None)
+    assert set(results["times"]) == {"train step", "DDIM step"}
+
+
+@needs_diffusers
 def test_train_step_changes_the_weights_and_ddim_step_leaves_them():
     config = _config(TINY_ADM, model_var_type="learned_range", loss_type="hybrid")
     model = benchmark.DiffusersDenoiser(config.unet)
