@@ -12,15 +12,6 @@ from minildm import checkpoints, presets
 from minildm.config import override
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and many times faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(*overrides):
     return override(presets.get("toy-shapes"), ["unet.channel_mult=1,2", "unet.attention_resolutions=8",
                                                 *overrides])

@@ -4,20 +4,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from minildm import checkpoints, presets
 from minildm.__main__ import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and many times faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 TINY = ["unet.channel_mult=1,2", "unet.attention_resolutions=8", "diffusion.num_timesteps=40", "data.num_samples=16",
         "train.batch_size=8", "train.sample_every=0", "train.save_every=2", "train.log_every=1"]

@@ -9,20 +9,10 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from minildm import checkpoints, presets, train
 from minildm.config import override
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and many times faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 OVERRIDES = ["mlp.hidden=64", "data.num_samples=256", "train.batch_size=32", "train.warmup_steps=2",

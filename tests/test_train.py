@@ -9,15 +9,6 @@ from minildm import checkpoints, presets, train
 from minildm.config import override
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and many times faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet_config(**extra):
     """toy-shapes shrunk to a 2-level UNet on 16x16, 24 images: one step takes a few milliseconds."""
     items = {
