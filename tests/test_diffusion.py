@@ -11,19 +11,9 @@ from minildm import config as config_module
 from minildm import diffusion, presets, schedules
 from minildm.diffusion import GaussianDiffusion
 
+from helpers import make, oracle_eps_model
+
 SCHEDULE_NAMES = ["linear", "cosine", "scaled_linear"]
-
-
-def make(name="linear", num_timesteps=1000, **kwargs):
-    return GaussianDiffusion(schedules.beta_schedule(name, num_timesteps), **kwargs)
-
-
-def oracle_eps_model(diff, x0):
-    """A 'network' that knows the single data batch x0 and returns the exact eps of x_t."""
-    def model(x_t, t, **kwargs):
-        bar = torch.from_numpy(diff.alpha_bar[t.numpy()]).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
-        return (x_t - bar.sqrt() * x0) / (1 - bar).sqrt()
-    return model
 
 
 # ---------------------------------------------------------------------- identities

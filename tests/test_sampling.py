@@ -5,19 +5,8 @@ import pytest
 import torch
 
 from minildm import sampling, schedules
-from minildm.diffusion import GaussianDiffusion
 
-
-def make(name="linear", num_timesteps=1000, **kwargs):
-    return GaussianDiffusion(schedules.beta_schedule(name, num_timesteps), **kwargs)
-
-
-def oracle_eps_model(diff, x0):
-    """Knows the data point x0 and returns the exact eps of x_t: every pred_x0 is x0."""
-    def model(x_t, t, **kwargs):
-        bar = torch.from_numpy(diff.alpha_bar[t.numpy()]).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
-        return (x_t - bar.sqrt() * x0) / (1 - bar).sqrt()
-    return model
+from helpers import make, oracle_eps_model
 
 
 def smooth_model(x_t, t, **kwargs):
