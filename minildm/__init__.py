@@ -15,9 +15,11 @@ from minildm import config, presets  # noqa: E402
 
 def build_model(config, device=None):
     """Build the denoiser of a `Config` (UNet or toy MLP); `device="meta"` builds without memory."""
+    import contextlib
+
     import torch
 
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         if config.model == "unet":
             from minildm.unet import UNet
 
@@ -34,12 +36,6 @@ def build_diffusion(config):
     from minildm.diffusion import GaussianDiffusion
 
     return GaussianDiffusion.from_config(config.diffusion)
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 __all__ = ["__version__", "build_diffusion", "build_model", "config", "presets"]

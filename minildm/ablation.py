@@ -258,10 +258,11 @@ def run_variance(budget_s: float, *, steps=SAMPLING_STEPS, num_samples: int = 12
               flush=True)
         if on_result is not None:
             on_result(results)
+    image_size = next(iter(trained.values()))[0].data.image_size
+    held_out = data.ShapesDataset(max(bpd_samples, 1), image_size, seed=1).tensors()[0]  # built once
     for num_steps in steps:
         for name, (config, ema, samplers) in trained.items():
             device_of_model = next(ema.parameters()).device
-            held_out = data.ShapesDataset(max(bpd_samples, 1), config.data.image_size, seed=1).tensors()[0]
             for label, diffusion in samplers.items():
                 start = time.process_time()
                 samples = generate(ema, diffusion, config, num_samples, sampler="ddpm", steps=num_steps)

@@ -87,9 +87,9 @@ def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, 
     extra: a JSON-serialisable dict stored in the metadata.
     """
     path = Path(path)
-    tensors = {f"model.{k}": v for k, v in _state_dict(model).items()}
+    tensors = {f"model.{k}": v for k, v in _unwrap(model).state_dict().items()}
     if ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in _state_dict(ema).items()})
+        tensors.update({f"ema.{k}": v for k, v in _unwrap(ema).state_dict().items()})
     metadata = {
         "format": FORMAT,
         "minildm_version": minildm.__version__,
@@ -121,12 +121,6 @@ def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, 
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def _state_dict(module) -> dict:
-    module = getattr(module, "_orig_mod", module)  # torch.compile
-    module = getattr(module, "module", module)  # DistributedDataParallel
-    return module.state_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +181,7 @@ def load_training_state(path, model, *, ema=None, optimizer=None, scaler=None) -
     model / ema / optimizer / scaler are modified in place (weights strictly checked).
     """
     metadata = read_metadata(path)
-    device = next(iter(_state_dict(model).values())).device
+    device = next(iter(_unwrap(model).state_dict().values())).device
     tensors = _read_tensors(path, ("model.", "ema."), device)
     # Optimizer state is read on the CPU: load_state_dict moves the moments to the parameters' device
     # and keeps AdamW's step counters on the CPU, exactly where a fresh optimizer has them.
@@ -250,6 +244,7 @@ def _strip(tensors, prefix) -> dict:
 
 
 def _unwrap(module):
+    """The plain module under torch.compile's `_orig_mod` and DistributedDataParallel's `module`."""
     module = getattr(module, "_orig_mod", module)
     return getattr(module, "module", module)
 

@@ -351,7 +351,7 @@ class GaussianDiffusion:
             out = self.p_mean_variance(model_output, x_t, t, t_prev, clip_denoised, t_next=t_next)
             vb.append(self.vb_terms_bpd(model_output, x0, x_t, t, t_prev, clip_denoised, t_next=t_next))
             xstart_mse.append(mean_flat((out["pred_x0"] - x0) ** 2))
-            mse.append(mean_flat((self.eps_from_x0(x_t, t, out["pred_x0"]) - noise) ** 2))
+            mse.append(mean_flat((out["pred_eps"] - noise) ** 2))
         vb, mse, xstart_mse = (torch.stack(v[::-1], dim=1) for v in (vb, mse, xstart_mse))
         prior = self.prior_bpd(x0, torch.full((n,), int(kept[-1]), dtype=torch.long))
         return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior, "vb": vb, "mse": mse, "xstart_mse": xstart_mse}

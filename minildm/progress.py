@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 
 def enabled() -> bool:
-    """True unless MINILDM_PROGRESS is "0", "false" or "off"."""
+    """True unless MINILDM_PROGRESS is "0", "false", "off" or "no"."""
     return os.environ.get("MINILDM_PROGRESS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 

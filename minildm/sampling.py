@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from minildm.diffusion import GaussianDiffusion
+from minildm import schedules
+from minildm.diffusion import GaussianDiffusion, _coef
 from minildm.progress import progress as progress_bar
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -126,17 +127,8 @@ def ddim_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, tim
 
 def _pairs(timesteps: Sequence[int] | None, num_timesteps: int) -> list[tuple[int, int, int]]:
     """(t, t_prev, t_next) for each step, walking the kept timesteps from the largest down to t_prev = -1."""
-    if timesteps is None:
-        timesteps = range(num_timesteps)
-    kept = [int(t) for t in timesteps]
-    if not kept:
-        raise ValueError("timesteps is empty; pass e.g. schedules.space_timesteps(T, '50') or None for all T steps")
-    if min(kept) < 0 or max(kept) >= num_timesteps:
-        raise ValueError(f"timesteps must lie in [0, {num_timesteps - 1}] (0-based) for this process; "
-                         f"got min {min(kept)}, max {max(kept)}")
-    if len(set(kept)) != len(kept):
-        raise ValueError("timesteps contain duplicates; each kept timestep must appear once")
-    descending = sorted(kept, reverse=True)
+    kept = schedules._check_timesteps(range(num_timesteps) if timesteps is None else timesteps, num_timesteps)
+    descending = kept[::-1].tolist()
     previous = descending[1:] + [-1]
     following = [descending[0] + 1] + descending[:-1]
     return list(zip(descending, previous, following))
@@ -174,9 +166,3 @@ def _batch_timesteps(t, x_t: torch.Tensor) -> torch.Tensor:
     if t.shape != (x_t.shape[0],):
         raise ValueError(f"timesteps must be an int or one per example ([{x_t.shape[0]}]), got shape {tuple(t.shape)}")
     return t.long()
-
-
-def _coef(values, like: torch.Tensor) -> torch.Tensor:
-    """Float64 numpy [N] -> [N, 1, ...] in like's dtype/device."""
-    return torch.as_tensor(values, dtype=torch.float64).to(device=like.device, dtype=like.dtype).view(
-        -1, *([1] * (like.ndim - 1)))

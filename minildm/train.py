@@ -2,6 +2,7 @@
 
     >>> from minildm import presets, train
     >>> config = presets.get("toy-2d")
+    >>> losses = []
     >>> model, ema = train.train(config, max_steps=500, callback=lambda step, loss: losses.append(loss))
 
 One step (DDPM Algorithm 1, with the usual engineering):
@@ -12,7 +13,8 @@ One step (DDPM Algorithm 1, with the usual engineering):
     ema     <- decay * ema + (1 - decay) * model                     the weights that are sampled
 
 Exact resume: every random draw of a step (its batch, t, noise, dropout masks, random flips)
-is a function of (seed, step, rank), so a checkpoint needs only weights, EMA, optimizer, scaler
+is a function of (seed, step, rank) (flips only with data.num_workers=0, the default: worker processes
+draw their own), so a checkpoint needs only weights, EMA, optimizer, scaler
 and step to continue bit for bit. Multi-GPU: run the same command under
 `torchrun --nproc_per_node N`; each process takes every N-th sample of the global batch
 `train.batch_size` and DistributedDataParallel averages the gradients.

@@ -124,7 +124,7 @@ def test_bad_inputs_say_what_to_change():
         sampling.ddpm_sample(smooth_model, diff, x, [0, 10, 50], progress=False)
     with pytest.raises(ValueError, match="timesteps contain duplicates"):
         sampling.ddpm_sample(smooth_model, diff, x, [0, 10, 10], progress=False)
-    with pytest.raises(ValueError, match="timesteps is empty"):
+    with pytest.raises(ValueError, match="timesteps must be a non-empty list of ints"):
         sampling.ddim_sample(smooth_model, diff, x, [], progress=False)
     with pytest.raises(ValueError, match=r"noise must hold one tensor per step \(3 steps\), got 2"):
         sampling.ddpm_sample(smooth_model, diff, x, [0, 10, 20], noise=[x, x], progress=False)
