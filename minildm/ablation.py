@@ -34,7 +34,7 @@ import torch
 
 import minildm
 from minildm import config as config_lib
-from minildm import data, presets, sampling, schedules, train
+from minildm import data, presets, schedules, train
 from minildm.diffusion import GaussianDiffusion
 from minildm.layers import count_parameters
 
@@ -138,21 +138,6 @@ def train_for_budget(config, budget_s: float, *, max_steps: int | None = None, l
 
 
 @torch.no_grad()
-def generate(model, diffusion, config, num: int, *, sampler: str = "ddim", steps: int = 50, seed: int = 0,
-             batch_size: int = 128) -> torch.Tensor:
-    """`num` samples [num, C, H, W] in [-1, 1]: DDIM (eta 0) or ancestral over `space_timesteps(T, str(steps))`."""
-    timesteps = schedules.space_timesteps(diffusion.num_timesteps, str(steps))
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    shape = (config.unet.in_channels, config.unet.image_size, config.unet.image_size)
-    out = []
-    for start in range(0, num, batch_size):
-        x_T = torch.randn((min(batch_size, num - start), *shape), generator=generator, device=device)
-        run = sampling.ddim_sample if sampler == "ddim" else sampling.ddpm_sample
-        out.append(run(model, diffusion, x_T, timesteps, generator=generator, progress=False).cpu())
-    return torch.cat(out)
-
-
 def quality(samples: torch.Tensor) -> dict:
     """Shapes-evaluator scores of samples [N, 3, H, W] in [-1, 1] (`minildm.metrics.evaluate_shapes`)."""
     from minildm import metrics
@@ -200,7 +185,8 @@ def run_adm(budget_s: float, *, variants=None, num_samples: int = 128, sample_st
         model, ema, log = train_for_budget(config, budget_s, max_steps=max_steps, device=device, log_every=log_every)
         diffusion = minildm.build_diffusion(config)
         start = time.process_time()
-        samples = generate(ema, diffusion, config, num_samples, sampler="ddim", steps=sample_steps)
+        samples = train.generate(ema, diffusion, config, num_samples, sampler="ddim", steps=sample_steps,
+                                 batch_size=128).cpu()
         sample_cpu_s = round(time.process_time() - start, 2)
         if samples_dir is not None:
             Path(samples_dir).mkdir(parents=True, exist_ok=True)
@@ -265,7 +251,8 @@ def run_variance(budget_s: float, *, steps=SAMPLING_STEPS, num_samples: int = 12
             device_of_model = next(ema.parameters()).device
             for label, diffusion in samplers.items():
                 start = time.process_time()
-                samples = generate(ema, diffusion, config, num_samples, sampler="ddpm", steps=num_steps)
+                samples = train.generate(ema, diffusion, config, num_samples, sampler="ddpm", steps=num_steps,
+                                         batch_size=128).cpu()
                 row = {"sampling_steps": num_steps, "sample_cpu_s": round(time.process_time() - start, 2)}
                 if samples_dir is not None:
                     torch.save(to_uint8(samples), Path(samples_dir) / variance_samples_file(name, label, num_steps))

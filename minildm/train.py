@@ -323,10 +323,11 @@ def _note_config_changes(saved: dict, config) -> None:
 
 @torch.no_grad()
 def generate(model, diffusion, config, num: int, *, sampler="ddim", steps=25, eta=0.0, seed=0, y=None,
-             device=None, progress_bar=False) -> torch.Tensor:
+             device=None, progress_bar=False, batch_size=None) -> torch.Tensor:
     """`num` samples of `model` with a respaced DDIM (or DDPM) schedule of `steps` steps; [num, C, H, W] or [num, 2].
 
     y: class labels [num] for class-conditional models (default: 0, 1, 2, ... cycling over the classes).
+    batch_size: sample in chunks of this many (one generator runs through all chunks); None = all at once.
     """
     from minildm import sampling, schedules
 
@@ -340,16 +341,22 @@ def generate(model, diffusion, config, num: int, *, sampler="ddim", steps=25, et
         if y is None:
             y = torch.arange(num) % config.unet.num_classes
         model_kwargs = {"y": torch.as_tensor(y, device=device)}
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
     timesteps = schedules.space_timesteps(diffusion.num_timesteps, str(min(steps, diffusion.num_timesteps)))
     generator = torch.Generator(device).manual_seed(seed)
-    x_T = torch.randn(shape, generator=generator, device=device)
-    kwargs = dict(clip_denoised=config.sample.clip_denoised and config.model == "unet", model_kwargs=model_kwargs,
-                  generator=generator, progress=progress_bar)
-    if sampler == "ddim":
-        return sampling.ddim_sample(model, diffusion, x_T, timesteps, eta=eta, **kwargs)
-    if sampler == "ddpm":
-        return sampling.ddpm_sample(model, diffusion, x_T, timesteps, **kwargs)
-    raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
+    chunks = []
+    for start in range(0, num, batch_size or num):
+        size = min(batch_size or num, num - start)
+        x_T = torch.randn((size, *shape[1:]), generator=generator, device=device)
+        kwargs = dict(clip_denoised=config.sample.clip_denoised and config.model == "unet", generator=generator,
+                      model_kwargs=model_kwargs and {"y": model_kwargs["y"][start:start + size]},
+                      progress=progress_bar)
+        if sampler == "ddim":
+            chunks.append(sampling.ddim_sample(model, diffusion, x_T, timesteps, eta=eta, **kwargs))
+        else:
+            chunks.append(sampling.ddpm_sample(model, diffusion, x_T, timesteps, **kwargs))
+    return torch.cat(chunks)
 
 
 def save_grid(samples: torch.Tensor, path) -> Path:
