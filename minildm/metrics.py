@@ -188,14 +188,18 @@ def save_evaluator(model: ShapesEvaluator, path=EVALUATOR_PATH, info: dict | Non
     return path
 
 
-@functools.lru_cache(maxsize=4)
 def load_evaluator(path=None, device="cpu") -> ShapesEvaluator:
     """The shipped evaluator (eval mode, no gradients), read from data/checkpoints (no network needed); cached."""
+    return _load_evaluator(str(Path(path) if path is not None else EVALUATOR_PATH), str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_evaluator(path: str, device: str) -> ShapesEvaluator:
     from safetensors import safe_open
 
     from minildm import checkpoints
 
-    path = Path(path) if path is not None else EVALUATOR_PATH
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no shapes evaluator at {path}; it ships in data/checkpoints of the source tree. "
                                 f"Recreate it with `python -m minildm.metrics train-evaluator --out {path}`")
