@@ -83,7 +83,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     - "250": 250 steps strided evenly (rounded fractional stride) over [0, T);
     - "10,15,20": [0, T) cut into 3 equal sections, strided to 10, 15 and 20 steps;
     - "ddimN": the DDIM paper's integer stride, range(0, T, i) with exactly N elements.
-    The first kept timestep is always 0, so a sampler walking them ends at x0.
+    The first kept timestep is 0 (unless the first section asks for 0 steps); a sampler always ends at x0.
     """
     if isinstance(section_counts, str):
         text = section_counts.strip()
