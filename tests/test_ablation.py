@@ -6,11 +6,9 @@ import pytest
 import torch
 
 import minildm
-from minildm import ablation, metrics
+from minildm import ablation
 from minildm.attention import AttentionBlock
 from minildm.unet import ResBlock
-
-needs_evaluator = pytest.mark.skipif(not metrics.EVALUATOR_PATH.is_file(), reason="shapes evaluator not shipped")
 
 
 def test_variants_are_the_adm_changes():
@@ -63,7 +61,6 @@ def test_adm_experiment_cli_and_evaluate(tmp_path):
         ablation.main(["adm", "--variants", "nope"])
 
 
-@needs_evaluator
 def test_evaluate_fills_quality_from_stored_samples(tmp_path):
     report = ablation.main(["adm", "--budget", "1000", "--max-steps", "1", "--variants", "ddpm",
                             "--num-samples", "4", "--sample-steps", "3", "--samples-dir", str(tmp_path), "--out", str(tmp_path / "a.json")])

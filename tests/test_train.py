@@ -28,14 +28,22 @@ def tensors_of(path):
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
-    # Dropout on, warmup crossing the interruption, 3 steps per epoch: batch order, t, noise,
-    # dropout masks, learning rate, AdamW moments and EMA must all continue exactly.
+    # Dropout on, warmup crossing the interruption, 3 steps per epoch, interrupted mid-epoch (after step 4) and
+    # continued for 5 more steps across another epoch: batch order, t, noise, dropout masks, learning rate,
+    # AdamW moments and EMA must all continue exactly.
     config = tiny_unet_config()
-    straight = train.train(config, max_steps=6, out_dir=tmp_path / "straight", verbose=False)
-    train.train(config, max_steps=3, out_dir=tmp_path / "resumed", verbose=False)
-    assert checkpoints.read_metadata(tmp_path / "resumed" / train.CHECKPOINT)["step"] == 3
-    resumed = train.train(config, max_steps=6, out_dir=tmp_path / "resumed", verbose=False)
+    straight_losses, resumed_losses = [], []
+    straight = train.train(config, max_steps=9, out_dir=tmp_path / "straight", verbose=False,
+                           callback=lambda step, loss: straight_losses.append((step, loss)))
+    interrupted = train.train(config, max_steps=4, out_dir=tmp_path / "resumed", verbose=False)
+    assert checkpoints.read_metadata(tmp_path / "resumed" / train.CHECKPOINT)["step"] == 4
+    at_interruption = [p.detach().clone() for p in interrupted.model.parameters()]
+    resumed = train.train(config, max_steps=9, out_dir=tmp_path / "resumed", verbose=False,
+                          callback=lambda step, loss: resumed_losses.append((step, loss)))
 
+    # The second call started from the checkpoint (steps 5..9 only) and saw the same losses, bit for bit.
+    assert [step for step, _ in resumed_losses] == [5, 6, 7, 8, 9]
+    assert resumed_losses == straight_losses[4:]
     for a, b in ((straight.model, resumed.model), (straight.ema, resumed.ema)):
         for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
             assert torch.equal(x, y), name
@@ -45,17 +53,22 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     assert first.keys() == second.keys() and any(k.startswith("optimizer.state.") for k in first)
     for key in first:
         assert torch.equal(first[key], second[key]), key
-    assert meta_first["optimizer"] == meta_second["optimizer"] and meta_first["step"] == meta_second["step"] == 6
-    # ... and the weights actually moved (the comparison is not between two untouched models).
-    fresh = train.train(config, max_steps=0, out_dir=tmp_path / "fresh", verbose=False)
-    assert not torch.equal(fresh.model.out[-1].weight, straight.model.out[-1].weight)
+    assert meta_first["optimizer"] == meta_second["optimizer"] and meta_first["step"] == meta_second["step"] == 9
+    # ... and the weights moved after the interruption (the resumed steps did something).
+    assert any(not torch.equal(x, y) for x, y in zip(at_interruption, resumed.model.parameters()))
 
 
 def test_restarting_without_resume_starts_over(tmp_path):
     config = tiny_unet_config()
-    a = train.train(config, max_steps=2, out_dir=tmp_path, verbose=False)
-    b = train.train(config, max_steps=2, out_dir=tmp_path, resume=False, verbose=False)
-    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+    train.train(config, max_steps=3, out_dir=tmp_path / "run", verbose=False)
+    fresh = train.train(config, max_steps=1, out_dir=tmp_path / "fresh", verbose=False)
+    steps = []
+    again = train.train(config, max_steps=1, out_dir=tmp_path / "run", resume=False, verbose=False,
+                        callback=lambda step, loss: steps.append(step))
+    # Resuming would load step 3 and run nothing; starting over runs step 1 from the seed and overwrites the file.
+    assert steps == [1]
+    assert all(torch.equal(x, y) for x, y in zip(again.model.parameters(), fresh.model.parameters()))
+    assert checkpoints.read_metadata(tmp_path / "run" / train.CHECKPOINT)["step"] == 1
 
 
 def test_learning_rate_warmup():
@@ -128,19 +141,39 @@ def test_sampling_during_training_does_not_change_the_run(tmp_path):
     with_samples = train.train(tiny_unet_config(**{"train.sample_every": "1", "sample.num_samples": "2"}),
                                max_steps=3, out_dir=tmp_path / "a", verbose=False)
     without = train.train(tiny_unet_config(), max_steps=3, out_dir=tmp_path / "b", verbose=False)
-    assert all(torch.equal(x, y) for x, y in zip(with_samples.model.parameters(), without.model.parameters()))
+    for a, b in ((with_samples.model, without.model), (with_samples.ema, without.ema)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_save_samples_leaves_the_global_random_stream_unchanged(tmp_path):
+    # The training loop reseeds the global RNG every step, so the test above would pass even if sampling
+    # consumed it. Here the network itself draws from the global RNG (dropout in train mode): only
+    # save_samples' fork_rng keeps the caller's stream where it was.
+    config = tiny_unet_config(**{"unet.dropout": "0.5"})
+    model = minildm.build_model(config).train()
+    diffusion = minildm.build_diffusion(config)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    train.save_samples(model, diffusion, config, tmp_path / "grid.png", num=2, steps=2)
+    assert (tmp_path / "grid.png").is_file()
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_mixed_precision_falls_back_to_fp32_on_cpu(tmp_path):
     config = tiny_unet_config(**{"train.precision": "fp16", "train.save_every": "0"})
     with pytest.warns(UserWarning, match="needs CUDA"):
-        train.train(config, max_steps=1, out_dir=tmp_path, verbose=False)
+        fp16 = train.train(config, max_steps=1, out_dir=tmp_path, verbose=False)
+    fp32 = train.train(tiny_unet_config(**{"train.precision": "fp32", "train.save_every": "0"}), max_steps=1,
+                       out_dir=tmp_path, verbose=False)
+    assert all(torch.equal(x, y) for x, y in zip(fp16.model.parameters(), fp32.model.parameters()))
     with pytest.raises(ValueError, match="use auto, fp32, bf16 or fp16"):
         train.train(tiny_unet_config(**{"train.precision": "half"}), max_steps=1, out_dir=tmp_path, verbose=False)
 
 
-def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
-    # unet.use_checkpoint recomputes activations in the backward pass (dropout masks included).
+def test_gradient_checkpointing_does_not_change_the_training_run(tmp_path):
+    # unet.use_checkpoint recomputes activations in the backward pass (dropout masks included); the memory it
+    # saves is not measured here.
     plain = train.train(tiny_unet_config(), max_steps=2, out_dir=tmp_path / "a", verbose=False)
     checkpointed = train.train(tiny_unet_config(**{"unet.use_checkpoint": "true"}), max_steps=2,
                                out_dir=tmp_path / "b", verbose=False)

@@ -303,11 +303,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_runs_in_bfloat16_with_groupnorm_in_float32():
+def test_runs_in_bfloat16_with_groupnorm_in_float32(monkeypatch):
     model = unet.UNet(UNetConfig(image_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1,
                             attention_resolutions=(4,), num_head_channels=32, num_classes=3)).to(torch.bfloat16)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(isinstance(m, GroupNorm32) for m in norms)
+    # On CPU a bfloat16 group_norm gives the same values (it accumulates in float32 internally), so the
+    # dtypes that reach group_norm are what is checked: float32 input and affine parameters, every norm.
+    group_norm, seen = torch.nn.functional.group_norm, []
+
+    def spy(x, num_groups, weight=None, bias=None, eps=1e-5):
+        seen.append((x.dtype, weight.dtype, bias.dtype))
+        return group_norm(x, num_groups, weight, bias, eps)
+
+    monkeypatch.setattr(torch.nn.functional, "group_norm", spy)
     out = model(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16), torch.tensor([1, 500]), y=torch.tensor([0, 2]))
     assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 8, 8)
+    assert len(seen) >= len(norms) and set(seen) == {(torch.float32,) * 3}
 
 
 def test_meta_build_and_describe():
