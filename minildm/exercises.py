@@ -1,0 +1,445 @@
+"""Checks for the chapters' exercises: `exercises.check_q_jump(q_jump)` in a notebook cell.
+
+A check calls the learner's function on inputs it chooses (several schedules, timesteps and networks,
+seeded, never shown), compares the result with the package and prints one line:
+
+- "correct";
+- "not yet: <what differs>. Hint: <where to look>";
+- "not attempted yet: fill in the cell above", for a stub that raises NotImplementedError (or an answer
+  left at None).
+
+It returns True or False and does not raise, so a notebook with open exercises still runs top to bottom
+(under nbval too), and it never prints the expected answer. Reference solutions and typical mistakes are
+in tests/exercise_solutions.py and tests/test_exercises.py, which prove that every check accepts the
+former and rejects the latter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import traceback
+
+import numpy as np
+import torch
+
+import minildm
+from minildm import diffusion, presets, schedules
+from minildm.attention import AttentionBlock
+from minildm.config import UNetConfig
+from minildm.layers import count_parameters
+from minildm.unet import ResBlock
+
+
+class NotYet(Exception):
+    """Raised inside a check: what differs between an answer and the package, with a hint."""
+
+
+def _exercise(title: str):
+    """Turn a check body into a check: one printed verdict, True or False, never an exception."""
+    def decorate(body):
+        @functools.wraps(body)
+        def check(*args, **kwargs) -> bool:
+            try:
+                remark = body(*args, **kwargs)
+            except NotImplementedError:
+                print(f"{title}: not attempted yet: fill in the cell above")
+                return False
+            except NotYet as why:
+                print(f"{title}: not yet: {why}")
+                return False
+            except Exception as error:  # the learner's code failed: say where, keep the notebook running
+                print(f"{title}: not yet: your code raised {_where(error)}")
+                return False
+            print(f"{title}: correct" + (f" ({remark})" if remark else ""))
+            return True
+        return check
+    return decorate
+
+
+def _where(error: Exception) -> str:
+    """'TypeError: message (line 3 of q_jump: the line)': the innermost frame outside this module."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename != __file__]
+    frame = next((f for f in frames if "site-packages" not in f.filename), frames[-1] if frames else None)
+    where = f" (in {frame.name}: {frame.line})" if frame is not None and frame.line else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
+def _float64(value, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().to(torch.float64)
+    try:
+        return torch.as_tensor(np.asarray(value, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise NotYet(f"{what} should be a number or a tensor/array of numbers, got {type(value).__name__}") from None
+
+
+def _compare(mine, expected, what: str, hint: str, *, mistakes=(), rtol=1e-5, atol=1e-6, broadcast=False) -> None:
+    """Raise NotYet unless `mine` is close to `expected`; `mistakes` are (value, hint) pairs of typical errors."""
+    mine, expected = _float64(mine, what), _float64(expected, what)
+    if broadcast and mine.shape != expected.shape:
+        try:
+            mine = mine.expand_as(expected)
+        except RuntimeError:
+            pass
+    if mine.shape != expected.shape:
+        raise NotYet(f"{what} has shape {tuple(mine.shape)}; it should have shape {tuple(expected.shape)}")
+    if not torch.isfinite(mine).all():
+        raise NotYet(f"{what} contains NaN or inf. Hint: {hint}")
+    if torch.allclose(mine, expected, rtol=rtol, atol=atol):
+        return
+    for wrong, mistake_hint in mistakes:
+        wrong = _float64(wrong, what)
+        if wrong.shape == mine.shape and torch.allclose(mine, wrong, rtol=rtol, atol=atol):
+            hint = mistake_hint
+            break
+    raise NotYet(f"{what} is off by up to {(mine - expected).abs().max().item():.3g}. Hint: {hint}")
+
+
+def _tolerance(dtype: torch.dtype) -> dict:
+    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 01: the forward process
+
+
+def _schedules_01():
+    """(name, betas, alpha_bar) of the schedules the chapter-01 checks use."""
+    for name in ("linear", "cosine"):
+        betas = schedules.beta_schedule(name, 1000)
+        yield name, betas, schedules.alpha_bar(betas)
+
+
+@_exercise("Exercise 1 (q_jump)")
+def check_q_jump(q_jump) -> None:
+    """q_jump(x_s, s, t, noise, alpha_bar): the sample of q(x_t | x_s) drawn with `noise`, code timesteps s < t.
+
+    Compared with the package's one-step process for the jump s -> t (`schedules.respace_betas`), on the
+    linear and cosine schedules, for early, late and long jumps (late starts are where ignoring s fails).
+    """
+    g = torch.Generator().manual_seed(101)
+    x_s = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(x_s.shape, generator=g, dtype=torch.float64)
+    s_random = int(torch.randint(100, 800, (), generator=g))
+    pairs = [(500, 600), (899, 999), (99, 399), (10, 700), (0, 1), (s_random, s_random + 37)]
+    for name, betas, alpha_bar in _schedules_01():
+        for s, t in pairs:
+            beta_jump = schedules.respace_betas(betas, [s, t])[1]  # the jump s -> t is one step of a process
+            expected = diffusion.GaussianDiffusion([beta_jump]).q_sample(x_s, torch.zeros(8, dtype=torch.long), noise)
+            mine = q_jump(x_s.clone(), s, t, noise.clone(), alpha_bar.copy())
+            a_t = alpha_bar[t]
+            _compare(mine, expected, f"q_jump(x_s, s={s}, t={t}, noise, alpha_bar) on the {name} schedule",
+                     "repeat the argument of Section 2 from x_s instead of x_0: which alphas does the jump multiply?",
+                     mistakes=[(math.sqrt(a_t) * x_s + math.sqrt(1 - a_t) * noise,
+                                "your result does not depend on s; x_s has already been noised up to step s"),
+                               (a_t / alpha_bar[s] * x_s + (1 - a_t / alpha_bar[s]) * noise,
+                                "the coefficients of x_s and of the noise are standard deviations, not variances")])
+
+
+@_exercise("Exercise 2 (shifted_alpha_bar)")
+def check_shifted_alpha_bar(shifted_alpha_bar) -> None:
+    """shifted_alpha_bar(alpha_bar, factor): a schedule whose SNR is the original SNR / factor**2, at every step.
+
+    Checked on the linear and cosine schedules (the cosine one without its last step, where alpha_bar is 0)
+    for factors 8, 2 and 0.5, through the SNR the returned alpha_bar implies.
+    """
+    for name, _, alpha_bar in _schedules_01():
+        base = alpha_bar[:-1] if name == "cosine" else alpha_bar  # cosine's last alpha_bar is ~0: no SNR
+        log_snr = np.log(base / (1 - base))
+        for factor in (8.0, 2.0, 0.5):
+            what = f"shifted_alpha_bar(alpha_bar, {factor:g}) on the {name} schedule"
+            new = _float64(shifted_alpha_bar(base.copy(), factor), what)
+            if new.shape != base.shape:
+                raise NotYet(f"{what} has shape {tuple(new.shape)}; it should have alpha_bar's shape, {base.shape}")
+            if not ((new > 0) & (new < 1)).all():
+                raise NotYet(f"{what} has values outside (0, 1), so it is not an alpha_bar. Hint: after dividing "
+                             "the SNR, solve alpha_bar' / (1 - alpha_bar') = SNR' for alpha_bar'")
+            _compare(torch.log(new / (1 - new)), log_snr - 2 * math.log(factor), f"the log SNR implied by {what}",
+                     "the new SNR must be the old SNR divided by factor**2 at every step",
+                     mistakes=[(log_snr - math.log(factor), "the SNR must be divided by factor**2: pooling averages "
+                                "factor x factor pixels, and the variance of the noise falls by that many")])
+
+
+@_exercise("Exercise 3 (q_posterior_jump)")
+def check_q_posterior_jump(q_posterior_jump) -> None:
+    """q_posterior_jump(x0, x_t, t, s, alpha_bar) -> (mean, variance) of q(x_s | x_t, x0), code timesteps s < t.
+
+    Compared with `GaussianDiffusion.q_posterior(x0, x_t, t, t_prev=s)` on the linear and cosine schedules,
+    for one ordinary step (s = t - 1) and for jumps; the variance may be a number or a tensor.
+    """
+    g = torch.Generator().manual_seed(103)
+    x0 = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    for name, betas, alpha_bar in _schedules_01():
+        process = diffusion.GaussianDiffusion(betas)
+        for t, s in [(300, 299), (500, 100), (999, 979), (40, 1)]:
+            t_batch, s_batch = torch.full((4,), t), torch.full((4,), s)
+            x_t = process.q_sample(x0, t_batch, noise)
+            mean, variance, _ = process.q_posterior(x0, x_t, t_batch, t_prev=s_batch)
+            result = q_posterior_jump(x0.clone(), x_t.clone(), t, s, alpha_bar.copy())
+            if not (isinstance(result, (tuple, list)) and len(result) == 2):
+                raise NotYet("q_posterior_jump should return two things: (mean, variance)")
+            call = f"q_posterior_jump(x0, x_t, t={t}, s={s}, alpha_bar) on the {name} schedule"
+            hint = ("redo Section 4 with the jump s -> t as one Gaussian step, alpha = alpha_bar_t / alpha_bar_s"
+                    if s < t - 1 else "a jump of one step must give Eq. 6-7 of Section 4")
+            _compare(result[0], mean, f"the mean of {call}", hint)
+            _compare(result[1], variance, f"the variance of {call}", hint, broadcast=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 02: the reverse process
+
+
+def _random_eps_model(num_timesteps: int, seed: int = 0):
+    """A fixed random 'network' eps(x_t, t) on 2-D points; it depends on t, so a wrong timestep shows."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(2, 2, generator=g, dtype=torch.float64)
+    offset = torch.randn(num_timesteps, 2, generator=g, dtype=torch.float64)
+
+    def model(x_t, t, **kwargs):
+        t = torch.as_tensor(t, device="cpu").long().reshape(-1).expand(len(x_t))
+        return torch.tanh(x_t @ weight.to(x_t)) + 0.5 * offset[t].to(x_t)
+    return model
+
+
+def _setup_02(model, process, variance: str):
+    """(model, process with `variance`, dtype, device): the chapter's toy process (T = 200) and a random model
+    unless the notebook passes its own (e.g. the trained `toy.ema`, `toy_process`)."""
+    if process is None:
+        process = minildm.build_diffusion(presets.get("toy-2d"))
+    process = diffusion.GaussianDiffusion(process.betas, model_var_type=variance)
+    if model is None:
+        model = _random_eps_model(process.num_timesteps)
+    parameter = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    dtype, device = (torch.float64, "cpu") if parameter is None else (parameter.dtype, parameter.device)
+    return model, process, dtype, device
+
+
+def _pairs_02(num_timesteps: int) -> list[tuple[int, int]]:
+    """A single step, two jumps and the final step to x0 (t_prev = -1), ordered from easy to hard."""
+    T = num_timesteps
+    return [(T - 1, T - 2), (3 * T // 4, T // 2), (T // 5, 0), (T // 10, -1)]
+
+
+def _step_hint(t: int, t_prev: int) -> str:
+    if t_prev == -1:
+        return "the last step goes to x0: alpha_bar of t_prev = -1 is 1, and no noise is added"
+    if t_prev < t - 1:
+        return ("a jump t -> t_prev is one Gaussian step with alpha = alpha_bar_t / alpha_bar_t_prev "
+                "(chapter 01, Exercise 3)")
+    return "predict x0 from eps_theta, then take the posterior mean at it (chapter 01, Section 4)"
+
+
+@_exercise("Exercise 1 (ancestral_step)")
+def check_ancestral_step(ancestral_step, model=None, process=None) -> None:
+    """ancestral_step(model, process, x_t, t, t_prev, z) -> x_{t_prev}: one step of Algorithm 2 with the variance
+    beta~ of the jump (no noise when t_prev = -1).
+
+    Compared with `sampling.ddpm_step(..., clip_denoised=False, noise=z)` for a single step, two jumps and the
+    final step. By default on the 2-D toy process (T = 200) with a fixed random model; pass `model` and
+    `process` to use others (the process's betas are used, with sigma^2 = beta~).
+    """
+    from minildm import sampling
+
+    model, process, dtype, device = _setup_02(model, process, "fixed_small")
+    g = torch.Generator().manual_seed(201)
+    x_t, z = (torch.randn(64, 2, generator=g, dtype=dtype).to(device) for _ in range(2))
+    for t, t_prev in _pairs_02(process.num_timesteps):
+        expected, _ = sampling.ddpm_step(model, process, x_t, t, t_prev, clip_denoised=False, noise=z)
+        with torch.no_grad():
+            mine = ancestral_step(model, process, x_t.clone(), t, t_prev, z.clone())
+        _compare(mine, expected, f"ancestral_step(model, process, x_t, t={t}, t_prev={t_prev}, z)",
+                 _step_hint(t, t_prev), **_tolerance(dtype))
+
+
+@_exercise("Exercise 2 (vlb_loss)")
+def check_vlb_loss(vlb_loss, model=None, process=None) -> None:
+    """vlb_loss(model, process, x0, t, noise) -> [N]: T * L_{t-1} in bits for code timesteps t >= 1 (int).
+
+    Compared with `training_losses` of a process with loss_type="vlb", for both fixed variances and three
+    timesteps, on the two-moons toy data. Defaults as in `check_ancestral_step`.
+    """
+    from minildm import data
+
+    model, process, dtype, device = _setup_02(model, process, "fixed_small")
+    x0 = data.toy_2d("moons", 64, torch.Generator().manual_seed(3)).to(device, dtype)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(202), dtype=dtype).to(device)
+    T = process.num_timesteps
+    for variance in ("fixed_small", "fixed_large"):
+        vlb_process = diffusion.GaussianDiffusion(process.betas, model_var_type=variance, loss_type="vlb")
+        for t in (1, T // 4, T - 1):
+            with torch.no_grad():
+                expected = vlb_process.training_losses(model, x0, torch.full((64,), t, device=device), noise)["loss"]
+                mine = vlb_loss(model, vlb_process, x0.clone(), t, noise.clone())
+            hint = ("the bound term is lambda_t ||eps - eps_theta||^2 plus the constant C_t, which is not zero "
+                    "when sigma^2 = beta" if variance == "fixed_large" else
+                    "lambda_t ||eps - eps_theta||^2 (mean over dimensions), in bits, times T")
+            _compare(mine, expected, f"vlb_loss(model, process, x0, t={t}, noise) with model_var_type={variance!r}",
+                     hint, mistakes=[(expected / T, "the loss estimates the whole sum over t: multiply by T"),
+                                     (expected * math.log(2), "the bound is in bits: divide nats by log(2)")],
+                     **_tolerance(dtype))
+
+
+@_exercise("Exercise 3 (ddim_step)")
+def check_ddim_step(ddim_step, model=None, process=None) -> str:
+    """ddim_step(model, process, x_t, t, t_prev, eta, z) -> x_{t_prev} (Song et al. 2021, Eq. 12 and 16).
+
+    Compared with `sampling.ddim_step(..., clip_denoised=False, noise=z)` for eta = 0, 0.5, 1 over a single
+    step, two jumps and the final step; then eta = 1 is compared with the ancestral step (sigma^2 = beta~)
+    for the same z. Defaults as in `check_ancestral_step`.
+    """
+    from minildm import sampling
+
+    model, process, dtype, device = _setup_02(model, process, "fixed_small")
+    g = torch.Generator().manual_seed(203)
+    x_t, z = (torch.randn(64, 2, generator=g, dtype=dtype).to(device) for _ in range(2))
+    for t, t_prev in _pairs_02(process.num_timesteps):
+        for eta in (0.0, 0.5, 1.0):
+            expected, _ = sampling.ddim_step(model, process, x_t, t, t_prev, eta=eta, clip_denoised=False, noise=z)
+            with torch.no_grad():
+                mine = ddim_step(model, process, x_t.clone(), t, t_prev, eta, z.clone())
+            hint = ("with eta = 0 the step is deterministic: sigma = 0" if eta == 0 else
+                    "sigma appears twice: in front of z and inside sqrt(1 - a' - sigma^2)")
+            _compare(mine, expected, f"ddim_step(model, process, x_t, t={t}, t_prev={t_prev}, eta={eta:g}, z)",
+                     hint if t_prev != -1 else "a' = 1 for t_prev = -1", **_tolerance(dtype))
+        ancestral, _ = sampling.ddpm_step(model, process, x_t, t, t_prev, clip_denoised=False, noise=z)
+        with torch.no_grad():
+            _compare(ddim_step(model, process, x_t, t, t_prev, 1.0, z), ancestral,
+                     f"ddim_step with eta = 1 against the ancestral step {t} -> {t_prev}",
+                     "expand sqrt(1 - a' - sigma^2) with sigma^2 = beta~", **_tolerance(dtype))
+    return "with eta = 1 your DDIM step is the ancestral step with sigma^2 = beta~, noise for noise"
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 03: from DDPM's UNet to ADM
+
+
+def _unet_configs_03(seed: int) -> list[tuple[str, UNetConfig]]:
+    """(description, config) of the networks the chapter-03 checks use: the chapter's base, two random
+    small UNets and DDPM's CIFAR-10 network. None of their answers is printed anywhere."""
+    base = UNetConfig(image_size=16, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+                      dropout=0.0)
+    configs = [("the chapter's base network", base)]
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+        levels = int(rng.integers(2, 5))
+        mult = tuple(int(m) for m in np.sort(rng.choice([1, 2, 3, 4], levels)))
+        sides = [32 // 2**level for level in range(levels)]
+        heads = dict(num_head_channels=8) if i == 0 else dict(num_heads=int(rng.choice([2, 4])))
+        configs.append((f"a random small UNet ({i + 1})", dataclasses.replace(
+            base, image_size=32, channels=int(rng.choice([16, 24, 40])), channel_mult=mult, norm_groups=8,
+            num_res_blocks=int(rng.integers(1, 4)), attention_resolutions=tuple(sorted(rng.choice(sides, 2, False))),
+            **heads)))
+    configs.append(("DDPM's CIFAR-10 network", presets.get("ddpm-cifar10").unet))
+    return configs
+
+
+def _build_meta(unet_config: UNetConfig):
+    config = presets.get("toy-shapes")
+    config.unet = unet_config
+    return minildm.build_model(config, device="meta")
+
+
+@_exercise("Exercise 1 (adagn_extra_parameters)")
+def check_adagn_extra_parameters(adagn_extra_parameters) -> None:
+    """adagn_extra_parameters(model) -> int: how many parameters use_scale_shift_norm=True adds to a DDPM-style
+    UNet, computed from its residual blocks. Checked on the chapter's base network, two random small UNets
+    and DDPM's CIFAR-10 network (built on the meta device), against the difference of their parameter counts.
+    """
+    for what, unet_config in _unet_configs_03(seed=301):
+        model = _build_meta(unet_config)
+        expected = count_parameters(_build_meta(dataclasses.replace(unet_config, use_scale_shift_norm=True)))
+        expected -= count_parameters(model)
+        mine = adagn_extra_parameters(model)
+        if isinstance(mine, torch.Tensor):
+            mine = mine.item()
+        if not isinstance(mine, (int, np.integer)) and not (isinstance(mine, float) and mine.is_integer()):
+            raise NotYet(f"adagn_extra_parameters should return a whole number, got {mine!r}")
+        if mine == expected:
+            continue
+        blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+        projections = [block.emb_layers[1] for block in blocks]
+        hint = ("each doubled projection adds out_channels rows: their weights and their biases"
+                if mine > 0 else "count the parameters of the extra rows of every residual block's projection")
+        if mine == sum(p.in_features * p.out_features for p in projections):
+            hint = "the doubled projection has a bias too"
+        elif mine == sum(p.in_features * b.channels + b.channels for p, b in zip(projections, blocks)):
+            hint = "a block's projection has one row per *output* channel of the block"
+        raise NotYet(f"for {what} your count is too {'high' if mine > expected else 'low'}. Hint: {hint}")
+
+
+def _heads_by_side(model) -> dict[int, int]:
+    """{feature-map side: heads} of the AttentionBlocks of a built UNet."""
+    u, heads = model.config, {}
+    for path, module in model.named_modules():
+        if isinstance(module, AttentionBlock):
+            level = model.block_levels.get(path.rsplit(".", 1)[0], len(u.channel_mult) - 1)  # middle: deepest
+            heads.setdefault(u.image_size // 2**level, set()).add(module.num_heads)
+    return {side: max(h) for side, h in heads.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_heads(name: str) -> dict[int, int]:
+    return _heads_by_side(minildm.build_model(presets.get(name), device="meta"))
+
+
+@_exercise("Exercise 2 (heads_per_side)")
+def check_heads_per_side(heads_per_side) -> None:
+    """heads_per_side(config) -> {feature-map side: heads} of every attention layer (the middle block's included),
+    from a `Config` alone. Compared with the attention layers of the built networks (meta device) of four
+    iDDPM/ADM presets and two random small UNets."""
+    cases = [(f"preset {name!r}", presets.get(name), lambda name=name: _expected_heads(name))
+             for name in ("adm-imagenet256", "adm-imagenet128", "adm-imagenet64", "iddpm-cifar10")]
+    for what, unet_config in _unet_configs_03(seed=302)[1:3]:
+        config = presets.get("toy-shapes")
+        config.unet = unet_config
+        cases.append((what, config, lambda unet_config=unet_config: _heads_by_side(_build_meta(unet_config))))
+    for what, config, expected_fn in cases:
+        mine = heads_per_side(config)
+        if not isinstance(mine, dict):
+            raise NotYet(f"heads_per_side should return a dict {{side: heads}}, got {type(mine).__name__}")
+        expected = expected_fn()
+        if set(mine) != set(expected):
+            raise NotYet(f"for {what} your sides are {sorted(mine)}, but it has attention at sides {sorted(expected)}. "
+                         "Hint: attention_resolutions lists feature-map sides, and the middle block always has an "
+                         "attention layer, at the deepest level")
+        wrong = sorted(side for side in expected if mine[side] != expected[side])
+        if wrong:
+            raise NotYet(f"for {what} the number of heads differs at side(s) {', '.join(map(str, wrong))}. Hint: "
+                         "num_head_channels > 0 overrides num_heads, and every level has its own width (channel_mult)")
+
+
+@_exercise("Exercise 3 (respaced_betas)")
+def check_respaced_betas(respaced_betas) -> None:
+    """respaced_betas(alpha_bar, kept) -> [len(kept)]: the betas of the chain through the kept timesteps.
+
+    Compared with `schedules.respace_betas` on the cosine and linear schedules for "ddim25", "10", "6,3,1"
+    and a random subset that does not start at 0.
+    """
+    rng = np.random.default_rng(303)
+    random_kept = sorted(int(k) for k in rng.choice(np.arange(1, 1000), 40, replace=False))
+    for name, betas, alpha_bar in _schedules_01():
+        for spacing, kept in [("ddim25", schedules.space_timesteps(1000, "ddim25")),
+                              ("10", schedules.space_timesteps(1000, "10")),
+                              ("6,3,1", schedules.space_timesteps(1000, "6,3,1")), ("a random subset", random_kept)]:
+            mine = respaced_betas(alpha_bar.copy(), list(kept))
+            _compare(mine, schedules.respace_betas(betas, kept), f"respaced_betas on the {name} schedule, {spacing}",
+                     "one beta' per kept timestep, and alpha_bar = 1 before the first kept one",
+                     mistakes=[(betas[kept], "divide by alpha_bar at the previous *kept* timestep, not at t - 1")])
+
+
+@_exercise("Exercise 3, the question (largest beta')")
+def check_largest_respaced_beta(largest_beta) -> None:
+    """The largest beta' of the "ddim25" chain on the cosine schedule (T = 1000), to 3 decimals."""
+    if largest_beta is None or largest_beta is Ellipsis:
+        raise NotImplementedError
+    value = _float64(largest_beta, "your answer")
+    if value.numel() != 1:
+        raise NotYet("give one number: the largest beta' of the 25-step chain")
+    betas = schedules.beta_schedule("cosine", 1000)
+    expected = schedules.respace_betas(betas, schedules.space_timesteps(1000, "ddim25")).max()
+    if abs(value.item() - expected) > 5e-4:
+        raise NotYet(f"{value.item():.4g} is not the largest beta' of the 'ddim25' chain on the cosine schedule. "
+                     "Hint: compute all 25 with your respaced_betas and take the largest")

@@ -1,0 +1,103 @@
+"""Reference solutions of the chapters' exercises.
+
+They live here, not in the notebooks (where the learner's cells are stubs), so that CI can prove in
+tests/test_exercises.py that every check of `minildm.exercises` accepts them. Written from the chapters'
+derivations, not with the package functions the checks compare against.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from minildm import schedules, unet
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 01: the forward process
+
+
+def q_jump(x_s, s, t, noise, alpha_bar):
+    # The jump s -> t multiplies alpha_{s+1} ... alpha_t (code indices): alpha_bar_t / alpha_bar_s.
+    ratio = alpha_bar[t] / alpha_bar[s]
+    return math.sqrt(ratio) * x_s + math.sqrt(1 - ratio) * noise
+
+
+def shifted_alpha_bar(alpha_bar, factor):
+    snr = alpha_bar / (1 - alpha_bar) / factor**2
+    return snr / (1 + snr)
+
+
+def q_posterior_jump(x0, x_t, t, s, alpha_bar):
+    a, a_s = alpha_bar[t], alpha_bar[s]
+    beta = 1 - a / a_s  # the variance of the jump s -> t
+    mean = math.sqrt(a_s) * beta / (1 - a) * x0 + math.sqrt(1 - beta) * (1 - a_s) / (1 - a) * x_t
+    return mean, beta * (1 - a_s) / (1 - a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 02: the reverse process
+
+
+def ancestral_step(model, process, x_t, t, t_prev, z):
+    a = process.alpha_bar[t]
+    a_prev = process.alpha_bar[t_prev] if t_prev >= 0 else 1.0
+    beta = 1 - a / a_prev  # the jump t_prev -> t as one step
+    eps = model(x_t, torch.full((len(x_t),), t))
+    pred_x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    mean = math.sqrt(a_prev) * beta / (1 - a) * pred_x0 + math.sqrt(1 - beta) * (1 - a_prev) / (1 - a) * x_t
+    if t_prev == -1:
+        return mean
+    return mean + math.sqrt(beta * (1 - a_prev) / (1 - a)) * z
+
+
+def bound_weight(process, t, variance="fixed_large"):
+    # lambda_t of chapter 02's Eq. 12 for code timesteps t >= 1: beta^2 / (2 sigma^2 alpha (1 - alpha_bar))
+    beta, a, a_prev = process.betas[t], process.alpha_bar[t], process.alpha_bar[t - 1]
+    sigma2 = beta if variance == "fixed_large" else beta * (1 - a_prev) / (1 - a)
+    return beta**2 / (2 * sigma2 * (1 - beta) * (1 - a))
+
+
+def vlb_loss(model, process, x0, t, noise):
+    beta, a, a_prev = process.betas[t], process.alpha_bar[t], process.alpha_bar[t - 1]
+    posterior_variance = beta * (1 - a_prev) / (1 - a)
+    sigma2 = beta if process.model_var_type == "fixed_large" else posterior_variance
+    t_batch = torch.full((len(x0),), t)
+    mse = ((noise - model(process.q_sample(x0, t_batch, noise), t_batch)) ** 2).mean(dim=1)
+    C = 0.5 * (math.log(sigma2 / posterior_variance) + posterior_variance / sigma2 - 1)
+    return process.num_timesteps * (bound_weight(process, t, process.model_var_type) * mse + C) / math.log(2)
+
+
+def ddim_step(model, process, x_t, t, t_prev, eta, z):
+    a = process.alpha_bar[t]
+    a_prev = process.alpha_bar[t_prev] if t_prev >= 0 else 1.0
+    eps = model(x_t, torch.full((len(x_t),), t))
+    pred_x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
+    return math.sqrt(a_prev) * pred_x0 + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * z
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 03: from DDPM's UNet to ADM
+
+
+def adagn_extra_parameters(model):
+    # Every ResBlock's Linear(4C, C_out) becomes Linear(4C, 2 C_out): C_out more rows of weights and biases.
+    blocks = [m for m in model.modules() if isinstance(m, unet.ResBlock)]
+    return sum(block.emb_layers[1].in_features * block.out_channels + block.out_channels for block in blocks)
+
+
+def heads_per_side(config):
+    u = config.unet
+    widths = {u.image_size // 2**level: int(mult * u.channels) for level, mult in enumerate(u.channel_mult)}
+    deepest = min(widths)  # the middle block attends there, whatever attention_resolutions says
+    return {side: (width // u.num_head_channels if u.num_head_channels > 0 else u.num_heads)
+            for side, width in widths.items() if side in u.attention_resolutions or side == deepest}
+
+
+def respaced_betas(alpha_bar, kept):
+    kept_bar = alpha_bar[kept]
+    return 1 - kept_bar / np.concatenate([[1.0], kept_bar[:-1]])
+
+
+LARGEST_RESPACED_BETA = round(float(respaced_betas(
+    schedules.alpha_bar(schedules.beta_schedule("cosine", 1000)), schedules.space_timesteps(1000, "ddim25")).max()), 3)

@@ -1,0 +1,259 @@
+"""The exercise checks (`minildm.exercises`): each accepts the reference solution (tests/exercise_solutions.py),
+rejects typical mistakes, and answers the notebook stub with "not attempted yet" instead of an exception."""
+
+import math
+
+import exercise_solutions as solutions
+import numpy as np
+import pytest
+import torch
+
+import minildm
+from minildm import exercises, presets, schedules, unet
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError  # your code here
+
+
+# ---------------------------------------------------------------------------------------------
+# Typical mistakes, chapter 01
+
+
+def q_jump_ignoring_s(x_s, s, t, noise, alpha_bar):
+    return math.sqrt(alpha_bar[t]) * x_s + math.sqrt(1 - alpha_bar[t]) * noise
+
+
+def q_jump_without_sqrt(x_s, s, t, noise, alpha_bar):
+    ratio = alpha_bar[t] / alpha_bar[s]
+    return ratio * x_s + (1 - ratio) * noise
+
+
+def q_jump_off_by_one(x_s, s, t, noise, alpha_bar):  # also multiplies alpha_s, which x_s already contains
+    ratio = alpha_bar[t] / alpha_bar[s - 1] if s > 0 else alpha_bar[t]
+    return math.sqrt(ratio) * x_s + math.sqrt(1 - ratio) * noise
+
+
+def shifted_by_factor(alpha_bar, factor):  # SNR / factor instead of / factor**2
+    snr = alpha_bar / (1 - alpha_bar) / factor
+    return snr / (1 + snr)
+
+
+def shifted_alpha_bar_itself(alpha_bar, factor):
+    return alpha_bar / factor**2
+
+
+def shifted_snr_not_alpha_bar(alpha_bar, factor):
+    return alpha_bar / (1 - alpha_bar) / factor**2
+
+
+def posterior_jump_one_step_beta(x0, x_t, t, s, alpha_bar):  # Eq. 6-7 with the beta of the step t-1 -> t
+    a, a_s = alpha_bar[t], alpha_bar[s]
+    beta = 1 - a / alpha_bar[t - 1]
+    mean = math.sqrt(a_s) * beta / (1 - a) * x0 + math.sqrt(1 - beta) * (1 - a_s) / (1 - a) * x_t
+    return mean, beta * (1 - a_s) / (1 - a)
+
+
+def posterior_jump_without_sqrt(x0, x_t, t, s, alpha_bar):
+    a, a_s = alpha_bar[t], alpha_bar[s]
+    beta = 1 - a / a_s
+    mean = math.sqrt(a_s) * beta / (1 - a) * x0 + (1 - beta) * (1 - a_s) / (1 - a) * x_t
+    return mean, beta * (1 - a_s) / (1 - a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typical mistakes, chapter 02
+
+
+def ancestral_one_step_beta(model, process, x_t, t, t_prev, z):  # uses beta_t even across a jump
+    a = process.alpha_bar[t]
+    a_prev = process.alpha_bar[t_prev] if t_prev >= 0 else 1.0
+    beta = process.betas[t]
+    eps = model(x_t, torch.full((len(x_t),), t))
+    pred_x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    mean = math.sqrt(a_prev) * beta / (1 - a) * pred_x0 + math.sqrt(1 - beta) * (1 - a_prev) / (1 - a) * x_t
+    return mean + (t_prev >= 0) * math.sqrt(beta * (1 - a_prev) / (1 - a)) * z
+
+
+def ancestral_noise_on_last_step(model, process, x_t, t, t_prev, z):
+    x_prev = solutions.ancestral_step(model, process, x_t, t, t_prev, z)
+    return x_prev + (t_prev == -1) * math.sqrt(process.betas[t]) * z
+
+
+def ancestral_variance_beta(model, process, x_t, t, t_prev, z):  # sigma^2 = beta of the jump, not beta~
+    mean = solutions.ancestral_step(model, process, x_t, t, t_prev, torch.zeros_like(z))
+    a_prev = process.alpha_bar[t_prev] if t_prev >= 0 else 1.0
+    return mean + (t_prev >= 0) * math.sqrt(1 - process.alpha_bar[t] / a_prev) * z
+
+
+def vlb_without_constant(model, process, x0, t, noise):
+    t_batch = torch.full((len(x0),), t)
+    mse = ((noise - model(process.q_sample(x0, t_batch, noise), t_batch)) ** 2).mean(dim=1)
+    return process.num_timesteps * solutions.bound_weight(process, t, process.model_var_type) * mse / math.log(2)
+
+
+def vlb_without_T(model, process, x0, t, noise):
+    return solutions.vlb_loss(model, process, x0, t, noise) / process.num_timesteps
+
+
+def vlb_in_nats(model, process, x0, t, noise):
+    return solutions.vlb_loss(model, process, x0, t, noise) * math.log(2)
+
+
+def ddim_without_sigma_in_sqrt(model, process, x_t, t, t_prev, eta, z):
+    a = process.alpha_bar[t]
+    a_prev = process.alpha_bar[t_prev] if t_prev >= 0 else 1.0
+    eps = model(x_t, torch.full((len(x_t),), t))
+    pred_x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
+    return math.sqrt(a_prev) * pred_x0 + math.sqrt(1 - a_prev) * eps + sigma * z
+
+
+def ddim_ignoring_eta(model, process, x_t, t, t_prev, eta, z):
+    return solutions.ddim_step(model, process, x_t, t, t_prev, 1.0, z)
+
+
+def ddim_wrapping_index(model, process, x_t, t, t_prev, eta, z):  # alpha_bar[-1] is the *last* step, not 1
+    a, a_prev = process.alpha_bar[t], process.alpha_bar[t_prev]
+    eps = model(x_t, torch.full((len(x_t),), t))
+    pred_x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    sigma = eta * math.sqrt(abs((1 - a_prev) / (1 - a) * (1 - a / a_prev)))
+    return math.sqrt(a_prev) * pred_x0 + math.sqrt(abs(1 - a_prev - sigma**2)) * eps + sigma * z
+
+
+# ---------------------------------------------------------------------------------------------
+# Typical mistakes, chapter 03
+
+
+def adagn_weights_only(model):
+    blocks = [m for m in model.modules() if isinstance(m, unet.ResBlock)]
+    return sum(block.emb_layers[1].in_features * block.out_channels for block in blocks)
+
+
+def adagn_input_channels(model):
+    blocks = [m for m in model.modules() if isinstance(m, unet.ResBlock)]
+    return sum(block.emb_layers[1].in_features * block.channels + block.channels for block in blocks)
+
+
+def adagn_every_linear(model):  # doubles the time embedding's layers too
+    return sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def adagn_hard_coded(model):  # the number chapter 03 prints for its base network
+    return 78_432
+
+
+def heads_ignoring_head_channels(config):
+    u = config.unet
+    return {side: u.num_heads for side in u.attention_resolutions}
+
+
+def heads_from_base_width(config):
+    u = config.unet
+    return {side: (u.channels // u.num_head_channels if u.num_head_channels > 0 else u.num_heads)
+            for side in u.attention_resolutions}
+
+
+def heads_at_every_side(config):
+    u = config.unet
+    return {u.image_size // 2**level: (int(mult * u.channels) // u.num_head_channels if u.num_head_channels > 0
+                                       else u.num_heads) for level, mult in enumerate(u.channel_mult)}
+
+
+def respaced_original_betas(alpha_bar, kept):
+    return 1 - alpha_bar[kept] / np.concatenate([[1.0], alpha_bar[:-1]])[kept]
+
+
+def respaced_dropping_first(alpha_bar, kept):
+    return 1 - alpha_bar[kept][1:] / alpha_bar[kept][:-1]
+
+
+def respaced_from_alpha_bar_0(alpha_bar, kept):  # starts from alpha_bar[0] instead of 1
+    kept_bar = alpha_bar[kept]
+    return 1 - kept_bar / np.concatenate([[alpha_bar[0]], kept_bar[:-1]])
+
+
+LARGEST_OF_THE_WRONG_SPACING = float(schedules.respace_betas(schedules.beta_schedule("cosine", 1000),
+                                                             schedules.space_timesteps(1000, "25")).max())
+
+CASES = {  # check: (reference solution, typical mistakes)
+    "q_jump": (exercises.check_q_jump, solutions.q_jump,
+               [q_jump_ignoring_s, q_jump_without_sqrt, q_jump_off_by_one]),
+    "shifted_alpha_bar": (exercises.check_shifted_alpha_bar, solutions.shifted_alpha_bar,
+                          [shifted_by_factor, shifted_alpha_bar_itself, shifted_snr_not_alpha_bar]),
+    "q_posterior_jump": (exercises.check_q_posterior_jump, solutions.q_posterior_jump,
+                         [posterior_jump_one_step_beta, posterior_jump_without_sqrt]),
+    "ancestral_step": (exercises.check_ancestral_step, solutions.ancestral_step,
+                       [ancestral_one_step_beta, ancestral_noise_on_last_step, ancestral_variance_beta]),
+    "vlb_loss": (exercises.check_vlb_loss, solutions.vlb_loss, [vlb_without_constant, vlb_without_T, vlb_in_nats]),
+    "ddim_step": (exercises.check_ddim_step, solutions.ddim_step,
+                  [ddim_without_sigma_in_sqrt, ddim_ignoring_eta, ddim_wrapping_index]),
+    "adagn_extra_parameters": (exercises.check_adagn_extra_parameters, solutions.adagn_extra_parameters,
+                               [adagn_weights_only, adagn_input_channels, adagn_every_linear, adagn_hard_coded]),
+    "heads_per_side": (exercises.check_heads_per_side, solutions.heads_per_side,
+                       [heads_ignoring_head_channels, heads_from_base_width, heads_at_every_side]),
+    "respaced_betas": (exercises.check_respaced_betas, solutions.respaced_betas,
+                       [respaced_original_betas, respaced_dropping_first, respaced_from_alpha_bar_0]),
+    "largest_respaced_beta": (exercises.check_largest_respaced_beta, solutions.LARGEST_RESPACED_BETA,
+                              [LARGEST_OF_THE_WRONG_SPACING, 0.999, round(solutions.LARGEST_RESPACED_BETA, 1)]),
+}
+MISTAKES = [(name, mistake) for name, (_, _, mistakes) in CASES.items() for mistake in mistakes]
+
+
+def verdict(capsys) -> str:
+    out = capsys.readouterr().out.strip()
+    assert "\n" not in out, f"a check prints one line, got {out!r}"
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_check_accepts_the_reference_solution(name, capsys):
+    check, solution, _ = CASES[name]
+    assert check(solution) is True
+    assert ": correct" in verdict(capsys)
+
+
+@pytest.mark.parametrize("name, mistake", MISTAKES,
+                         ids=[f"{name}-{getattr(m, '__name__', m)}" for name, m in MISTAKES])
+def test_check_rejects_a_typical_mistake(name, mistake, capsys):
+    check, _, _ = CASES[name]
+    assert check(mistake) is False
+    assert ": not yet: " in verdict(capsys)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_check_answers_the_stub_without_raising(name, capsys):
+    check = CASES[name][0]
+    assert check(None if name == "largest_respaced_beta" else stub) is False
+    assert verdict(capsys).endswith("not attempted yet: fill in the cell above")
+
+
+def test_a_crash_in_the_answer_is_reported_not_raised(capsys):
+    def q_jump(x_s, s, t, noise, alpha_bar):
+        return alpha_bar[t + 1000] * x_s  # past the end of the schedule
+    assert exercises.check_q_jump(q_jump) is False
+    out = verdict(capsys)
+    assert "not yet: your code raised IndexError" in out and "alpha_bar[t + 1000]" in out
+
+
+def test_checks_do_not_print_the_expected_answer(capsys):
+    exercises.check_heads_per_side(heads_ignoring_head_channels)
+    exercises.check_adagn_extra_parameters(adagn_hard_coded)
+    exercises.check_largest_respaced_beta(0.5)
+    out = capsys.readouterr().out
+    expected_heads = exercises._expected_heads("adm-imagenet256")
+    assert str(expected_heads) not in out and "{" not in out
+    assert f"{solutions.LARGEST_RESPACED_BETA:.3f}"[:4] not in out
+
+
+def test_chapter_02_checks_take_the_notebook_model_and_process(capsys):
+    # chapter 02 may pass its trained float32 MLP and its toy process instead of the checks' random model
+    config = presets.get("toy-2d")
+    torch.manual_seed(0)
+    model, process = minildm.build_model(config).eval(), minildm.build_diffusion(config)
+    for check, solution in [(exercises.check_ancestral_step, solutions.ancestral_step),
+                            (exercises.check_vlb_loss, solutions.vlb_loss),
+                            (exercises.check_ddim_step, solutions.ddim_step)]:
+        assert check(solution, model=model, process=process) is True
+        assert check(stub, model=model, process=process) is False
+    assert check(ddim_ignoring_eta, model=model, process=process) is False
