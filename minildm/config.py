@@ -38,6 +38,7 @@ class UNetConfig:
     conv_resample: bool = True
     learn_sigma: bool = False  # iDDPM learned range: doubles the output channels
     num_classes: int = 0  # 0: unconditional; > 0 adds a class embedding to the time embedding
+    null_class: bool = False  # one more embedding row, label num_classes = "no class" (classifier-free guidance)
     super_res: bool = False  # ADM-U upsampler: concatenates the upsampled low-res image (in_channels × 2)
     use_checkpoint: bool = False  # gradient checkpointing of residual and attention blocks
     norm_groups: int = 32  # GroupNorm groups (32 in every paper model; narrow toys need fewer, see presets)
@@ -73,6 +74,7 @@ class DiffusionConfig:
     model_var_type: str = "fixed_large"
     loss_type: str = "simple"
     hybrid_lambda: float = 0.001
+    snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper)
 
 
 @dataclass
@@ -101,6 +103,8 @@ class TrainConfig:
     max_steps: int = 800_000
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    cond_dropout: float = 0.0  # probability that a label is replaced by the null class (needs unet.null_class)
+    ema_warmup: bool = True  # decay min(ema_decay, (1+k)/(10+k)) at step k (LDM's LitEma): no random init kept
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: bool = True  # only used on CUDA
     compile: bool = False

@@ -363,6 +363,51 @@ def photo(image_size: int = 256) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Your own data: any map-style dataset or a tensor of images.
+
+
+class ExampleDataset(Dataset):
+    """Items of any map-style dataset as `(example, label)`: the form the training loop reads.
+
+    An item may be an image tensor `[C, H, W]` (or a point `[D]`), a tuple `(image, label, ...)` or a dict
+    `{"image": ..., "label": ...}`; a missing label reads as -1 (unconditional). Images are not rescaled:
+    they must already be in [-1, 1] (`train.train` checks the first batch).
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if isinstance(item, dict):
+            if "image" not in item:
+                raise KeyError(f"dataset items are dicts without an 'image' key (keys: {sorted(item)}); "
+                               "name the image 'image' and the class 'label'")
+            example, label = item["image"], item.get("label", -1)
+        elif isinstance(item, (tuple, list)):
+            example, label = item[0], (item[1] if len(item) > 1 else -1)
+        else:
+            example, label = item, -1
+        return torch.as_tensor(example, dtype=torch.float32), torch.as_tensor(label, dtype=torch.int64)
+
+
+def as_dataset(examples) -> Dataset:
+    """A dataset for `train.train(config, dataset=...)`: a tensor `[N, C, H, W]` (or `[N, D]` points) in [-1, 1],
+    a `(tensor, labels)` pair, or any map-style dataset (see `ExampleDataset`)."""
+    if isinstance(examples, torch.Tensor):
+        return ExampleDataset(torch.utils.data.TensorDataset(examples))
+    if isinstance(examples, tuple) and len(examples) == 2 and all(isinstance(v, torch.Tensor) for v in examples):
+        return ExampleDataset(torch.utils.data.TensorDataset(*examples))
+    if not hasattr(examples, "__getitem__") or not hasattr(examples, "__len__"):
+        raise TypeError(f"cannot train on a {type(examples).__name__}: pass a tensor of images [N, C, H, W] in "
+                        "[-1, 1], a (images, labels) pair of tensors or a map-style dataset (__len__, __getitem__)")
+    return ExampleDataset(examples)
+
+
+# ---------------------------------------------------------------------------------------------
 # One entry point for configs (batches for training: train.StepBatches).
 
 DATASETS = ("shapes", "toy2d", "cifar10", "mnist", "imagefolder")

@@ -40,10 +40,12 @@ class GaussianDiffusion:
         the network outputs 2C channels, the last C interpolate log beta~_t … log beta_t).
     loss_type: "simple" (L_simple, Eq. 14), "vlb" (the bound, Eq. 5) or "hybrid"
         (L_simple + hybrid_lambda · L_vlb, Nichol & Dhariwal 2021 Eq. 16, lambda = 0.001).
+    snr_gamma: > 0 weights the mean loss by Min-SNR-gamma (Hang et al. 2023): the x0-error weight
+        min(SNR_t, gamma), i.e. min(SNR, gamma) / SNR on the eps error, / (SNR + 1) on the v error; 0 = off.
     """
 
     def __init__(self, betas, model_mean_type: str = "eps", model_var_type: str = "fixed_large",
-                 loss_type: str = "simple", hybrid_lambda: float = 0.001):
+                 loss_type: str = "simple", hybrid_lambda: float = 0.001, snr_gamma: float = 0.0):
         for value, valid, what in ((model_mean_type, MEAN_TYPES, "model_mean_type"),
                                    (model_var_type, VAR_TYPES, "model_var_type"),
                                    (loss_type, LOSS_TYPES, "loss_type")):
@@ -59,6 +61,9 @@ class GaussianDiffusion:
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.hybrid_lambda = float(hybrid_lambda)
+        if not snr_gamma >= 0:
+            raise ValueError(f"snr_gamma={snr_gamma} must be >= 0 (0 turns Min-SNR weighting off; 5 is the paper's)")
+        self.snr_gamma = float(snr_gamma)
 
     @classmethod
     def from_config(cls, config) -> GaussianDiffusion:
@@ -66,7 +71,8 @@ class GaussianDiffusion:
         betas = schedules.beta_schedule(config.beta_schedule, config.num_timesteps,
                                         beta_start=config.beta_start or None, beta_end=config.beta_end or None)
         return cls(betas, model_mean_type=config.model_mean_type, model_var_type=config.model_var_type,
-                   loss_type=config.loss_type, hybrid_lambda=config.hybrid_lambda)
+                   loss_type=config.loss_type, hybrid_lambda=config.hybrid_lambda,
+                   snr_gamma=config.snr_gamma)
 
     def __repr__(self) -> str:
         return (f"GaussianDiffusion(num_timesteps={self.num_timesteps}, model_mean_type={self.model_mean_type!r}, "
@@ -281,10 +287,12 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ training
 
     def training_losses(self, model: Callable, x0: torch.Tensor, t, noise: torch.Tensor | None = None,
-                        model_kwargs: dict | None = None, *, timesteps: Sequence[int] | None = None) -> dict:
+                        model_kwargs: dict | None = None, *, timesteps: Sequence[int] | None = None,
+                        with_vb: bool = True) -> dict:
         """Per-example losses at timesteps t, dict(loss, mse, vb), each [N].
 
-        mse: mean squared error of the mean part against its target (eps, x0 or v) — L_simple, Eq. 14.
+        mse: mean squared error of the mean part against its target (eps, x0 or v) — L_simple, Eq. 14
+        (times `snr_weight` when snr_gamma > 0).
         vb: the bound term L_t in bits (`vb_terms_bpd`, clip_denoised=False) with the mean part detached
         for "simple"/"hybrid" (Nichol & Dhariwal 2021, Sec. 3.1: L_vlb only trains the variance there).
         loss: "simple" -> mse; "vlb" -> S · vb; "hybrid" -> mse + hybrid_lambda · S · vb, where S is the
@@ -292,6 +300,8 @@ class GaussianDiffusion:
         guided-diffusion's hybrid loss; for other S it is its RESCALED_MSE (vb · S / 1000).
         timesteps: the kept timesteps of a respaced chain (S = len(timesteps)); t must be among them and
         each step goes to the previous kept timestep. Default: all T steps.
+        with_vb=False skips the bound term when the loss does not use it (loss_type "simple": the training
+        loop's setting, a third of a small UNet's step on a CPU); the dict then has no "vb".
         """
         model_kwargs = model_kwargs or {}
         t_idx = _as_index(t, batch=x0.shape[0])
@@ -306,6 +316,10 @@ class GaussianDiffusion:
         if target is None:
             target = self.velocity(x0, t_model, noise)
         mse = mean_flat((target - mean_part) ** 2)
+        if self.snr_gamma > 0:
+            mse = mse * self.snr_weight(t_idx, like=mse)
+        if not with_vb and self.loss_type == "simple":
+            return {"loss": mse, "mse": mse}
 
         if self.loss_type == "vlb":
             vb_output = model_output
@@ -321,6 +335,14 @@ class GaussianDiffusion:
         else:
             loss = mse + self.hybrid_lambda * num_steps * vb
         return {"loss": loss, "mse": mse, "vb": vb}
+
+    def snr_weight(self, t, like: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights [N] of the mean loss at t for this mean type (Hang et al. 2023, Eq. 9)."""
+        alpha_bar = self.alpha_bar[_as_index(t)]
+        snr = alpha_bar / (1 - alpha_bar)
+        clipped = np.minimum(snr, self.snr_gamma)
+        weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.model_mean_type]
+        return _coef(weight, like).reshape(-1)
 
     @torch.no_grad()
     def bits_per_dim(self, model: Callable, x0: torch.Tensor, *, clip_denoised: bool = True,

@@ -85,6 +85,28 @@ def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
     return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
 
 
+def precision_recall(real_features, fake_features, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) on feature sets [N, D] and [M, D].
+
+    Each set's manifold is the union of balls around its points whose radius is the distance to the
+    point's k-th nearest neighbour in the same set. precision = fraction of fake points inside the real
+    manifold (fidelity); recall = fraction of real points inside the fake manifold (diversity).
+    """
+    real, fake = torch.as_tensor(real_features).double(), torch.as_tensor(fake_features).double()
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set "
+                         f"(got {len(real)} real, {len(fake)} generated)")
+
+    def radii(points):  # distance to the k-th nearest neighbour (index 0 of the sort is the point itself)
+        return torch.cdist(points, points).kthvalue(k + 1, dim=1).values
+
+    def inside(points, centers, center_radii):  # [len(points)] bool: within some center's ball
+        return (torch.cdist(points, centers) <= center_radii[None]).any(dim=1)
+
+    return {"precision": inside(fake, real, radii(real)).double().mean().item(),
+            "recall": inside(real, fake, radii(fake)).double().mean().item()}
+
+
 def confident_fraction(probs, threshold: float = 0.9) -> float:
     """Fraction of rows of class probabilities [N, K] whose largest probability is at least `threshold`."""
     probs = torch.as_tensor(probs)
@@ -254,9 +276,11 @@ def _real_outputs(num: int, image_size: int, seed: int, evaluator_path) -> dict:
     return classify(images, load_evaluator(evaluator_path))
 
 
-def evaluate_shapes(images: torch.Tensor, *, threshold: float = 0.9, num_reference: int = 2000,
+def evaluate_shapes(images: torch.Tensor, *, labels=None, threshold: float = 0.9, num_reference: int = 2000,
                     evaluator_path=None) -> dict:
     """Score generated shapes [N, 3, H, W] in [-1, 1] against real held-out shapes rendered at the same size.
+
+    labels: the kinds [N] a class-conditional model was asked for (adds `requested_kind_accuracy`).
 
     Returns a dict:
       confident_fraction       fraction whose most likely kind has probability >= threshold
@@ -266,6 +290,9 @@ def evaluate_shapes(images: torch.Tensor, *, threshold: float = 0.9, num_referen
                                held-out images (data seed 1, the split training never sees)
       frechet_distance_floor   the same distance for N real images (data seed 2): what a perfect model gets
       real_confident_fraction  confident_fraction of those N real images
+      precision, recall        k-NN manifold precision / recall (k = 3, `precision_recall`) against
+                               min(N, num_reference) held-out images; precision_floor, recall_floor: the
+                               same for the N real images
       num_images, num_reference, metric (the distance's name)
     """
     n, size = images.shape[0], images.shape[-1]
@@ -275,9 +302,11 @@ def evaluate_shapes(images: torch.Tensor, *, threshold: float = 0.9, num_referen
     outputs = classify(images, load_evaluator(path))
     reference = _real_outputs(num_reference, size, 1, path)
     real = _real_outputs(n, size, 2, path)
+    matched = reference["features"][:min(n, num_reference)]
+    model_pr, real_pr = precision_recall(matched, outputs["features"]), precision_recall(matched, real["features"])
     kinds = torch.bincount(outputs["kind"], minlength=len(data.SHAPES)).double() / n
     colors = torch.bincount(outputs["color"], minlength=len(data.COLORS)).double() / n
-    return {
+    report = {
         "num_images": n,
         "confident_fraction": confident_fraction(outputs["kind_probs"], threshold),
         "class_histogram": {name: round(v.item(), 4) for name, v in zip(data.SHAPES, kinds)},
@@ -285,9 +314,17 @@ def evaluate_shapes(images: torch.Tensor, *, threshold: float = 0.9, num_referen
         "frechet_distance_to_real": frechet_distance(outputs["features"], reference["features"]),
         "frechet_distance_floor": frechet_distance(real["features"], reference["features"]),
         "real_confident_fraction": confident_fraction(real["kind_probs"], threshold),
+        **model_pr,
+        "precision_floor": real_pr["precision"], "recall_floor": real_pr["recall"],
         "num_reference": num_reference,
         "metric": f"{FRECHET_NAME} (64-d, {num_reference} held-out references; not FID)",
     }
+    if labels is not None:
+        labels = torch.as_tensor(labels).cpu()
+        if labels.shape != (n,):
+            raise ValueError(f"labels must be the {n} requested kinds, shape [{n}]; got {tuple(labels.shape)}")
+        report["requested_kind_accuracy"] = (outputs["kind"] == labels).double().mean().item()
+    return report
 
 
 def heldout_accuracy(evaluator: ShapesEvaluator | None = None, num: int = 2000, seed: int = 1) -> dict:
@@ -340,13 +377,16 @@ def main(argv=None) -> int:
     loaded = checkpoints.load(args.checkpoint)
     model = loaded.ema if loaded.ema is not None else loaded.model
     diffusion = build_diffusion(loaded.config)
+    num_classes = loaded.config.unet.num_classes if loaded.config.model == "unet" else 0
+    labels = torch.arange(args.num) % num_classes if num_classes else None  # every kind equally often
     start, samples = time.process_time(), []
     for i in range(math.ceil(args.num / args.batch_size)):
-        num = min(args.batch_size, args.num - i * args.batch_size)
-        samples.append(train.generate(model, diffusion, loaded.config, num, sampler=args.sampler, steps=args.steps,
-                                      seed=args.seed + i))
+        chunk = slice(i * args.batch_size, min((i + 1) * args.batch_size, args.num))
+        samples.append(train.generate(model, diffusion, loaded.config, chunk.stop - chunk.start, sampler=args.sampler,
+                                      steps=args.steps, seed=args.seed + i,
+                                      y=None if labels is None else labels[chunk]))
     samples = torch.cat(samples)
-    report = evaluate_shapes(samples)
+    report = evaluate_shapes(samples, labels=labels)
     report.update(checkpoint=str(args.checkpoint), step=loaded.step, sampler=args.sampler, steps=args.steps,
                   seed=args.seed, sample_cpu_s=round(time.process_time() - start, 1))
     if args.grid:

@@ -10,7 +10,7 @@ One step (DDPM Algorithm 1, with the usual engineering):
     t, noise <- drawn from a generator seeded by (seed, step)        t ~ U{0..T-1}, noise ~ N(0, I)
     loss    <- diffusion.training_losses(model, x0, t, noise).mean() L_simple / L_hybrid / L_vlb
     AdamW step with linear warmup, gradient-norm clipping, mixed precision on CUDA
-    ema     <- decay * ema + (1 - decay) * model                     the weights that are sampled
+    ema     <- d * ema + (1 - d) * model, d = min(decay, (1+k)/(10+k))  the weights that are sampled
 
 Exact resume: every random draw of a step (its batch, t, noise, dropout masks, random flips)
 is a function of (seed, step, rank) (flips only with data.num_workers=0, the default: worker processes
@@ -62,6 +62,19 @@ def learning_rate(train_config, step: int) -> float:
     if train_config.warmup_steps <= 0:
         return train_config.lr
     return train_config.lr * min(1.0, (step + 1) / train_config.warmup_steps)
+
+
+def ema_decay(train_config, step: int) -> float:
+    """The EMA decay used after step `step` (0-based): min(ema_decay, (1 + step) / (10 + step)) with warm-up.
+
+    Without warm-up the average keeps decay^k of the random initial weights after k steps
+    (0.999^2000 = 13.5%: speckled samples); the warm-up (TensorFlow's `num_updates`, LDM's LitEma)
+    makes that share prod_k (1 + k) / (10 + k) < 1e-7 after 100 steps, and changes nothing once
+    (1 + k) / (10 + k) > ema_decay (k > 9,000 for 0.999).
+    """
+    if not train_config.ema_warmup:
+        return train_config.ema_decay
+    return min(train_config.ema_decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -168,8 +181,13 @@ def _precision(config_precision: str, device: torch.device):
 # The loop
 
 
-def train(config, *, resume=True, max_steps=None, callback=None, out_dir=None, device=None, verbose=True) -> Trained:
-    """Train `config`'s model on its data; returns `Trained(model, ema)`.
+def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, out_dir=None, device=None,
+          verbose=True) -> Trained:
+    """Train `config`'s model on its data (or on `dataset`); returns `Trained(model, ema)`.
+
+    dataset: your own data instead of config.data's: a tensor of images [N, C, H, W] in [-1, 1], an
+    (images, labels) pair, or any map-style dataset whose items are an image, (image, label) or
+    {"image", "label"} (`data.as_dataset`); images must match config.unet's in_channels and image_size.
 
     resume: continue from `<out_dir>/checkpoint.safetensors` if it exists (False: start over).
     max_steps: total number of steps (overrides config.train.max_steps; a resumed run stops there too).
@@ -216,8 +234,12 @@ def train(config, *, resume=True, max_steps=None, callback=None, out_dir=None, d
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
 
-        dataset = data.build_dataset(config.data, train=True)
+        dataset = data.build_dataset(config.data, train=True) if dataset is None else data.as_dataset(dataset)
         conditional = config.model == "unet" and config.unet.num_classes > 0
+        check_examples(config, *dataset[0], conditional=conditional)
+        if cfg.cond_dropout > 0 and not (conditional and config.unet.null_class):
+            raise ValueError(f"train.cond_dropout={cfg.cond_dropout} replaces labels by the null class: it needs a "
+                             "class-conditional UNet with unet.null_class=true (or set train.cond_dropout=0)")
         dataset_classes = getattr(dataset, "num_classes", None)
         if conditional and dataset_classes is not None and dataset_classes > config.unet.num_classes:
             raise ValueError(f"the dataset has {dataset_classes} classes but unet.num_classes="
@@ -259,11 +281,18 @@ def train(config, *, resume=True, max_steps=None, callback=None, out_dir=None, d
             t = t[env.rank::env.world_size].to(device)
             noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=noise_generator, device=device)
             noise = noise[env.rank::env.world_size]
-            model_kwargs = {"y": y.to(device)} if conditional else None
+            model_kwargs = None
+            if conditional:
+                if cfg.cond_dropout > 0:  # classifier-free guidance: some labels become the null class
+                    drop = torch.rand(cfg.batch_size, generator=t_generator)[env.rank::env.world_size]
+                    y = torch.where(drop < cfg.cond_dropout, config.unet.num_classes, y)
+                model_kwargs = {"y": y.to(device)}
 
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            losses = diffusion.training_losses(denoiser, x0, t, noise=noise, model_kwargs=model_kwargs)
+            # L_simple needs no bound term: skip it (with_vb=False); L_hybrid / L_vlb compute it anyway.
+            losses = diffusion.training_losses(denoiser, x0, t, noise=noise, model_kwargs=model_kwargs,
+                                               with_vb=False)
             loss = losses["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -272,7 +301,7 @@ def train(config, *, resume=True, max_steps=None, callback=None, out_dir=None, d
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            update_ema(ema, model, cfg.ema_decay)
+            update_ema(ema, model, ema_decay(cfg, step))
             done = step + 1
 
             log_loss += loss.detach()
@@ -305,6 +334,29 @@ def train(config, *, resume=True, max_steps=None, callback=None, out_dir=None, d
     finally:
         if env.started_here:
             dist.destroy_process_group()
+
+
+def check_examples(config, example: torch.Tensor, label=None, *, conditional: bool = False) -> None:
+    """Reject data the model cannot train on, with what to change: shape, range [-1, 1], labels."""
+    if config.model == "unet":
+        unet = config.unet
+        expected = (unet.in_channels, unet.image_size, unet.image_size)
+        what = f"unet.in_channels={unet.in_channels}, unet.image_size={unet.image_size}"
+    else:
+        expected, what = (config.mlp.data_dim,), f"mlp.data_dim={config.mlp.data_dim}"
+    if tuple(example.shape) != expected:
+        raise ValueError(f"examples have shape {list(example.shape)} but the model expects {list(expected)} "
+                         f"({what}); resize the data or set those config values")
+    low, high = example.min().item(), example.max().item()
+    if config.model == "unet" and (low < -1.001 or high > 1.001):
+        hint = " (looks like [0, 255]: use x / 127.5 - 1)" if high > 2 else " (for [0, 1] data use 2 x - 1)"
+        raise ValueError(f"images must be in [-1, 1]; the first example spans [{low:.3g}, {high:.3g}]{hint}")
+    if conditional:
+        label = int(label) if label is not None else -1
+        if not 0 <= label < config.unet.num_classes:
+            raise ValueError(f"the model is class-conditional (unet.num_classes={config.unet.num_classes}) but "
+                             f"the first example's label is {label}; give labels in [0, num_classes) or set "
+                             "unet.num_classes=0")
 
 
 def _note_config_changes(saved: dict, config) -> None:

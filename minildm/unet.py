@@ -189,8 +189,8 @@ class UNet(nn.Module):
         self.block_levels: dict[str, int] = {}
 
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if config.num_classes > 0:
-            self.label_emb = nn.Embedding(config.num_classes, emb_dim)
+        if config.num_classes > 0:  # + 1 row for the null class (index num_classes) of classifier-free guidance
+            self.label_emb = nn.Embedding(config.num_classes + int(config.null_class), emb_dim)
 
         # Down path. `skip_channels` remembers the width of every input block's output (the skips).
         in_channels = config.in_channels * (2 if config.super_res else 1)
@@ -294,6 +294,12 @@ class UNet(nn.Module):
                              "drop y or set unet.num_classes to the number of classes")
         if y is not None and y.shape != (n,):
             raise ValueError(f"y must be [{n}] class labels; got shape {tuple(y.shape)}")
+        known = cfg.num_classes + int(cfg.null_class)
+        # (checked on the CPU only: on an accelerator the check would wait for the device every step)
+        if y is not None and y.device.type == "cpu" and y.numel() and not 0 <= int(y.min()) <= int(y.max()) < known:
+            null = f" or {cfg.num_classes} (the null class)" if cfg.null_class else ""
+            raise ValueError(f"y holds labels in [{int(y.min())}, {int(y.max())}]; this UNet knows classes 0.."
+                             f"{cfg.num_classes - 1}{null} (unet.num_classes={cfg.num_classes})")
         if context is not None:
             raise ValueError("context is not used by this UNet (it has no cross-attention); drop context=..., "
                              "or use a latent-diffusion UNet with cross-attention for [N, L, D] conditioning")

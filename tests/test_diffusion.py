@@ -197,6 +197,39 @@ def test_simple_loss_returns_vb_without_gradient():
     assert out["loss"].requires_grad and not out["vb"].requires_grad
 
 
+def test_simple_loss_can_skip_the_bound_term_and_keeps_its_value():
+    diff = make("linear", 100)
+    x0, t = torch.rand(2, 3, 4, 4) * 2 - 1, torch.tensor([0, 7])
+    noise = torch.randn_like(x0)
+    full = diff.training_losses(Affine(3, 3), x0, t, noise)
+    lean = diff.training_losses(Affine(3, 3), x0, t, noise, with_vb=False)
+    assert "vb" not in lean
+    torch.testing.assert_close(lean["loss"], full["loss"])
+    hybrid = make("cosine", 50, model_var_type="learned_range", loss_type="hybrid")
+    assert "vb" in hybrid.training_losses(Affine(3, 6), x0, t, noise, with_vb=False)  # the loss needs it
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+def test_min_snr_weighting_is_min_snr_gamma_on_the_x0_error(mean_type):
+    """Hang et al. 2023: every mean type's weighted loss equals min(SNR, gamma) * ||x0 - pred_x0||^2."""
+    diff = make("linear", 100, model_mean_type=mean_type, snr_gamma=5.0)
+    torch.manual_seed(0)
+    x0 = torch.rand(3, 2, dtype=torch.float64) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 30, 99])
+    prediction = torch.randn_like(x0)  # any network output
+    loss = diff.training_losses(lambda x_t, t: prediction, x0, t, noise)["loss"]
+    x_t = diff.q_sample(x0, t, noise)
+    pred_x0 = {"eps": lambda: diff.x0_from_eps(x_t, t, prediction), "x0": lambda: prediction,
+               "v": lambda: diff.x0_from_v(x_t, t, prediction)}[mean_type]()
+    alpha_bar = torch.as_tensor(diff.alpha_bar[t.numpy()])
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = snr.clamp(max=5.0) * ((x0 - pred_x0) ** 2).mean(dim=1)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        make("linear", 100, snr_gamma=-1.0)
+
+
 def test_bits_per_dim_is_prior_plus_terms():
     diff = make("linear", 30, model_var_type="fixed_small")
     gen = torch.Generator().manual_seed(0)

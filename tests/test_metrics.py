@@ -64,6 +64,23 @@ def test_frechet_distance_rejects_bad_shapes():
         metrics.frechet_distance(torch.randn(10, 3), torch.randn(10, 4))
 
 
+def test_precision_recall_of_k_nn_manifolds():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 4, generator=generator)
+    same = metrics.precision_recall(real, torch.randn(400, 4, generator=generator))
+    assert same["precision"] > 0.8 and same["recall"] > 0.8
+    # a collapsed generator: every sample sits at the data mode -> high precision, almost no recall
+    collapsed = metrics.precision_recall(real, 0.05 * torch.randn(400, 4, generator=generator))
+    assert collapsed["precision"] > 0.95 and collapsed["recall"] < 0.2
+    # samples far from the data: no precision
+    assert metrics.precision_recall(real, real + 10)["precision"] == 0
+    # hand-checkable case, k = 1: real points 0 and 1 (radius 1 each); fake at 1.5 is inside, 3 is not
+    two = metrics.precision_recall(torch.tensor([[0.0], [1.0]]), torch.tensor([[1.5], [3.0]]), k=1)
+    assert two["precision"] == 0.5
+    with pytest.raises(ValueError, match="more than 3 points"):
+        metrics.precision_recall(real[:3], real)
+
+
 def test_confident_fraction():
     probs = torch.tensor([[0.95, 0.05], [0.5, 0.5], [0.1, 0.9], [0.2, 0.8]])
     assert metrics.confident_fraction(probs) == 0.5
@@ -87,6 +104,18 @@ def test_evaluate_shapes_real_images_reach_the_floor():
     assert sum(report["class_histogram"].values()) == pytest.approx(1.0, abs=1e-3)
     assert min(report["class_histogram"].values()) > 0.1  # five kinds, roughly uniform
     assert "not FID" in report["metric"]
+    assert report["precision"] > 0.8 and report["recall"] > 0.8  # real images: close to the real-vs-real floor
+    assert abs(report["precision"] - report["precision_floor"]) < 0.1
+
+
+def test_evaluate_shapes_requested_kind_accuracy():
+    dataset = data.ShapesDataset(64, 32, seed=7)
+    images, kinds = dataset.tensors()
+    assert metrics.evaluate_shapes(images, labels=kinds, num_reference=200)["requested_kind_accuracy"] == 1.0
+    wrong = metrics.evaluate_shapes(images, labels=(kinds + 1) % 5, num_reference=200)
+    assert wrong["requested_kind_accuracy"] < 0.05
+    with pytest.raises(ValueError, match="requested kinds"):
+        metrics.evaluate_shapes(images, labels=kinds[:10], num_reference=200)
 
 
 def test_evaluate_shapes_noise_and_blank_images_score_badly():

@@ -88,6 +88,87 @@ def test_update_ema_is_the_exponential_moving_average():
         torch.testing.assert_close(value, target)
 
 
+def test_ema_decay_warms_up_then_stays_at_the_configured_decay():
+    cfg = presets.get("toy-2d").train
+    cfg.ema_decay = 0.999
+    assert train.ema_decay(cfg, 0) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    assert train.ema_decay(cfg, 90) == pytest.approx(0.91)
+    assert train.ema_decay(cfg, 20_000) == 0.999
+    cfg.ema_warmup = False
+    assert train.ema_decay(cfg, 0) == 0.999
+
+
+def test_ema_of_a_short_run_holds_no_random_initial_weights(tmp_path):
+    """The cause of speckled samples: without warm-up, 100 steps at decay 0.999 keep 90% of the random init."""
+    config = override(presets.get("toy-2d"), ["train.batch_size=64", "train.sample_every=0", "train.save_every=0",
+                                              "data.num_samples=2000", "train.ema_decay=0.999"])
+    torch.manual_seed(config.train.seed)
+    initial = minildm.build_model(config)
+    result = train.train(config, max_steps=100, out_dir=tmp_path, verbose=False)
+
+    def distance(a, b):
+        return sum((p - q).pow(2).sum() for p, q in zip(a.parameters(), b.parameters())).sqrt().item()
+
+    moved = distance(result.model, initial)
+    assert distance(result.ema, result.model) < 0.2 * moved  # the average follows the trained weights
+    config.train.ema_warmup = False
+    old = train.train(config, max_steps=100, out_dir=tmp_path, verbose=False)
+    assert distance(old.ema, initial) < 0.2 * distance(old.model, initial)  # what the loop did before
+
+
+def test_train_on_your_own_tensor_dataset_and_labels(tmp_path):
+    images = torch.rand(24, 3, 16, 16) * 2 - 1
+    labels = torch.arange(24) % 5
+    config = tiny_unet_config(**{"unet.num_classes": "5"})
+    seen = []
+    train.train(config, dataset=(images, labels), max_steps=3, out_dir=tmp_path, resume=False, verbose=False,
+                callback=lambda step, loss: seen.append(step))
+    assert seen == [1, 2, 3]
+    # a map-style dataset of dicts, unconditional
+    items = [{"image": image} for image in images]
+    train.train(tiny_unet_config(), dataset=items, max_steps=1, out_dir=tmp_path, resume=False, verbose=False)
+
+
+@pytest.mark.parametrize("examples, message", [
+    (torch.rand(24, 3, 16, 16) * 255, r"\[-1, 1\].*x / 127.5 - 1"),
+    (torch.rand(24, 3, 32, 32), "unet.image_size=16"),
+    (torch.rand(24, 1, 16, 16), "unet.in_channels=3"),
+    ("not a dataset", None),
+])
+def test_train_rejects_data_it_cannot_use_with_what_to_change(tmp_path, examples, message):
+    if message is None:
+        with pytest.raises(TypeError, match="map-style dataset"):
+            train.train(tiny_unet_config(), dataset=3, max_steps=1, out_dir=tmp_path, verbose=False)
+        return
+    with pytest.raises(ValueError, match=message):
+        train.train(tiny_unet_config(), dataset=examples, max_steps=1, out_dir=tmp_path, verbose=False)
+
+
+def test_conditional_model_rejects_data_without_labels(tmp_path):
+    with pytest.raises(ValueError, match="unet.num_classes=0"):
+        train.train(tiny_unet_config(**{"unet.num_classes": "5"}), dataset=torch.rand(24, 3, 16, 16) * 2 - 1,
+                    max_steps=1, out_dir=tmp_path, verbose=False)
+
+
+def test_condition_dropout_feeds_the_null_class(tmp_path):
+    """cond_dropout=1 replaces every label by the null class: the run cannot depend on the labels."""
+    images = torch.rand(24, 3, 16, 16) * 2 - 1
+    config = tiny_unet_config(**{"unet.num_classes": "5", "unet.null_class": "true", "train.cond_dropout": "1.0",
+                                 "unet.dropout": "0.0"})
+    runs = [train.train(config, dataset=(images, labels), max_steps=2, out_dir=tmp_path / str(i), verbose=False)
+            for i, labels in enumerate((torch.zeros(24, dtype=torch.long), torch.arange(24) % 5))]
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(a, b)
+    assert runs[0].model.label_emb.num_embeddings == 6
+    config.train.cond_dropout = 0.0  # real labels: the two runs differ
+    other = train.train(config, dataset=(images, torch.arange(24) % 5), max_steps=2, out_dir=tmp_path / "2",
+                        verbose=False)
+    assert any(not torch.equal(a, b) for a, b in zip(other.model.parameters(), runs[1].model.parameters()))
+    with pytest.raises(ValueError, match="unet.null_class=true"):
+        train.train(tiny_unet_config(**{"unet.num_classes": "5", "train.cond_dropout": "0.1"}),
+                    dataset=(images, torch.arange(24) % 5), max_steps=1, out_dir=tmp_path / "3", verbose=False)
+
+
 def test_step_batches_are_a_function_of_seed_and_step_and_shard_the_global_batch():
     one = train.StepBatches(50, 8, seed=3)
     steps = [one.indices(s) for s in range(12)]

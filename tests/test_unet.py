@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import minildm
 from minildm import attention, presets, unet
-from minildm.config import UNetConfig
+from minildm.config import UNetConfig, override
 from minildm.layers import GroupNorm32, count_parameters
 
 UNET_PRESETS = [name for name in presets.names() if presets.info(name).config.model == "unet"]
@@ -361,3 +361,15 @@ def test_norm_groups_reach_every_norm_and_paper_models_keep_32():
     assert {m.num_groups for m in paper.modules() if isinstance(m, GroupNorm32)} == {32}
     with pytest.raises(ValueError, match="divisible by 24"):
         unet.UNet(replace(presets.get("toy-shapes").unet, norm_groups=24))
+
+
+def test_class_labels_out_of_range_are_rejected_and_the_null_class_is_opt_in():
+    config = override(presets.get("toy-shapes"), ["unet.num_classes=5"])
+    model = minildm.build_model(config)
+    x, t = torch.zeros(2, 3, 16, 16), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"classes 0..4 \(unet.num_classes=5\)"):
+        model(x, t, y=torch.tensor([0, 5]))
+    config.unet.null_class = True
+    with_null = minildm.build_model(config)
+    assert with_null(x, t, y=torch.tensor([0, 5])).shape == x.shape  # 5 = the null class
+    assert with_null.label_emb.num_embeddings == 6 and model.label_emb.num_embeddings == 5
