@@ -86,27 +86,52 @@ register(Preset(
     config=Config(
         unet=UNetConfig(image_size=16, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                         attention_resolutions=(8,), dropout=0.0, num_head_channels=32, norm_groups=8),
-        diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="fixed_large"),
+        diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="fixed_large",
+                                  snr_gamma=5.0),
         data=DataConfig(dataset="shapes", image_size=16),
-        train=TrainConfig(batch_size=32, lr=1e-3, warmup_steps=100, max_steps=2000, ema_decay=0.995,
+        train=TrainConfig(batch_size=16, lr=1e-3, warmup_steps=100, max_steps=2000, ema_decay=0.999,
                           sample_every=500, save_every=500, out_dir="runs/toy-shapes"),
         sample=SampleConfig(num_samples=16, batch_size=16),
     ),
 ))
 
+# The shipped CPU checkpoints. Recipe from the levers experiment (data/results/levers_*.json): batch 16,
+# lr 1e-3, EMA 0.999 with warm-up, Min-SNR-5 loss weighting, one thread per run (two runs side by side
+# use both cores).
+_SHAPES_UNET = UNetConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                          attention_resolutions=(8,), dropout=0.0, num_head_channels=32, norm_groups=8)
+_SHAPES_DIFFUSION = DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="fixed_large",
+                                    snr_gamma=5.0)
+_SHAPES_TRAIN = TrainConfig(batch_size=16, lr=1e-3, warmup_steps=200, max_steps=6000, ema_decay=0.999,
+                            sample_every=500, save_every=250, log_every=50, out_dir="runs/ddpm-shapes")
+
 register(Preset(
     name="ddpm-shapes",
     summary="32x32 procedural shapes, small DDPM UNet (ch 32, mult 1,2,2, attention 8x8): the shipped CPU checkpoint",
     config=Config(
-        unet=UNetConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                        attention_resolutions=(8,), dropout=0.0, num_head_channels=32, norm_groups=8),
-        diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="fixed_large"),
+        unet=copy.deepcopy(_SHAPES_UNET),
+        diffusion=copy.deepcopy(_SHAPES_DIFFUSION),
         data=DataConfig(dataset="shapes", image_size=32),
-        train=TrainConfig(batch_size=16, lr=1e-3, warmup_steps=200, max_steps=3000, ema_decay=0.995,
-                          sample_every=500, save_every=250, out_dir="runs/ddpm-shapes"),
+        train=copy.deepcopy(_SHAPES_TRAIN),
         sample=SampleConfig(num_samples=64, batch_size=64),
     ),
 ))
+
+register(Preset(
+    name="ddpm-shapes-cond",
+    summary="ddpm-shapes conditioned on the kind of shape (5 classes + a null class, 10% label dropout): "
+            "the shipped class-conditional CPU checkpoint, for classifier-free guidance",
+    config=Config(
+        unet=copy.deepcopy(_SHAPES_UNET),
+        diffusion=copy.deepcopy(_SHAPES_DIFFUSION),
+        data=DataConfig(dataset="shapes", image_size=32),
+        train=copy.deepcopy(_SHAPES_TRAIN),
+        sample=SampleConfig(num_samples=64, batch_size=64),
+    ),
+))
+_COND = _REGISTRY["ddpm-shapes-cond"].config
+_COND.unet.num_classes, _COND.unet.null_class = 5, True
+_COND.train.cond_dropout, _COND.train.out_dir = 0.1, "runs/ddpm-shapes-cond"
 
 # ---------------------------------------------------------------------------------------------
 # DDPM, Ho et al. 2020 (hojonathanho/diffusion): Adam (= AdamW with weight decay 0),

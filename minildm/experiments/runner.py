@@ -42,7 +42,7 @@ BASE = [
     "unet.attention_resolutions=8", "unet.num_heads=1", "unet.num_head_channels=-1",
     "unet.resblock_updown=false", "unet.use_scale_shift_norm=false", "unet.dropout=0.0",
     "diffusion.beta_schedule=linear", "diffusion.model_mean_type=eps", "diffusion.model_var_type=fixed_large",
-    "diffusion.loss_type=simple",
+    "diffusion.loss_type=simple", "diffusion.snr_gamma=0",
     "train.batch_size=16", "train.lr=1e-3", "train.warmup_steps=50", "train.ema_decay=0.995",
     "train.save_every=0", "train.sample_every=0", "train.log_every=0",
 ]
@@ -269,6 +269,8 @@ def heldout_loss(model, diffusion, x0: torch.Tensor, *, seed: int = 0) -> float:
     """
     t = torch.from_numpy(np.linspace(0, diffusion.num_timesteps - 1, len(x0)).round().astype(np.int64))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device  # the same numbers on any device: drawn on the CPU, then moved
+    x0, t, noise = x0.to(device), t.to(device), noise.to(device)
     return diffusion.training_losses(model, x0, t, noise=noise, with_vb=False)["mse"].mean().item()
 
 
@@ -277,7 +279,7 @@ def model_bits_per_dim(model: Trained, row: Row, settings: Settings, *, seed: in
     if row.bits is None:
         return None
     diffusion = sampling_process(model, row.variance)
-    x0 = held_out_images(settings.bpd_images, model.config.data.image_size)
+    x0 = held_out_images(settings.bpd_images, model.config.data.image_size).to(next(model.ema.parameters()).device)
     if row.bits == "bound":
         name = f"{model.key}-bound{settings.bpd_terms}-{row.variance or 'own'}-n{len(x0)}-seed{seed}.pt"
         compute = lambda: {"bpd": bound_bits_per_dim(model.ema, diffusion, x0, settings.bpd_terms,  # noqa: E731
@@ -287,7 +289,7 @@ def model_bits_per_dim(model: Trained, row: Row, settings: Settings, *, seed: in
         timesteps = schedules.space_timesteps(diffusion.num_timesteps, str(row.steps))
         compute = lambda: {"bpd": diffusion.bits_per_dim(  # noqa: E731
             model.ema, x0, timesteps=timesteps,
-            generator=torch.Generator().manual_seed(seed))["total_bpd"].mean().item()}
+            generator=torch.Generator(x0.device).manual_seed(seed))["total_bpd"].mean().item()}
     else:
         raise ValueError(f"row {row.name!r}: bits={row.bits!r}; use None, 'bound' or 'chain'")
     return round(_cached(settings.cache_dir, name, compute)["bpd"], 4)
