@@ -115,6 +115,26 @@ def test_adm_experiment_writes_per_seed_and_aggregated_results(tmp_path):
         adm_ablation.main(["--variants", "nope"])
 
 
+
+def test_device_option_reaches_training_and_cached_models(tmp_path, monkeypatch):
+    devices = []
+    original = train.train
+
+    def spy(config, **kwargs):
+        devices.append(kwargs["device"])
+        return original(config, **kwargs)
+
+    monkeypatch.setattr(train, "train", spy)
+    args = ["--seeds", "0", *TINY, "--sample-steps", "2", "--variants", "ddpm", "--cache-dir", str(tmp_path)]
+    report = adm_ablation.main([*args, "--device", "cpu"])
+    assert devices == [torch.device("cpu")] and report["settings"]["device"] == "cpu"
+    assert report["results"]["ddpm"]["per_seed"][0]["heldout_loss"] > 0
+    config = runner.make_config(["data.num_samples=64", "train.seed=0"])
+    cached = runner.train_model(config, 2, cache_dir=tmp_path, device="cpu")
+    assert cached.record["from_cache"] and next(cached.ema.parameters()).device == torch.device("cpu")
+    assert runner.resolve_device("") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert runner.resolve_device("cpu") == torch.device("cpu")
+
 def test_iddpm_and_ddpm_experiments_report_samples_and_bits_per_dim(tmp_path):
     cache = ["--cache-dir", str(tmp_path / "cache"), "--seeds", "0", *TINY, "--bpd-images", "2"]
     variance = iddpm.main(["variance", *cache, "--sample-steps", "2"])

@@ -94,6 +94,12 @@ class Settings:
     bpd_terms: int = 100
     extra: tuple = ()  # overrides applied to every variant (e.g. a larger image size)
     cache_dir: Path | None = CACHE_DIR
+    device: torch.device | None = None  # where models train and are evaluated (None: CUDA if available, else CPU)
+
+
+def resolve_device(name=None) -> torch.device:
+    """`name` as a torch.device; None or "": CUDA when available, else the CPU (as `train.train` chooses)."""
+    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,23 +147,25 @@ def _training_data(data_config):
     return _TRAINING_DATA[key]
 
 
-def train_model(config, steps: int, *, cache_dir=CACHE_DIR, log_every: int = 25) -> Trained:
-    """Train `config`'s model for `steps` steps with `train.train` (or load it from `cache_dir`); EMA weights.
+def train_model(config, steps: int, *, cache_dir=CACHE_DIR, log_every: int = 25, device=None) -> Trained:
+    """Train `config`'s model for `steps` steps with `train.train` (or load it from `cache_dir`); EMA weights on
+    `device` (`resolve_device`; the cache is keyed by config and steps, not by the device it was trained on).
 
     record: params, steps, train_cpu_s (process time of the training call, one thread), final_loss (mean of
     the last 50 steps' L), loss_curve (mean loss per `log_every` steps) and from_cache.
     """
-    key = model_key(config, steps)
+    key, device = model_key(config, steps), resolve_device(device)
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True, map_location="cpu")
         ema = minildm.build_model(config)
         ema.load_state_dict(saved["ema"])
-        return Trained(key, config, ema.eval().requires_grad_(False), {**saved["record"], "from_cache": True})
+        return Trained(key, config, ema.to(device).eval().requires_grad_(False),
+                       {**saved["record"], "from_cache": True})
     losses = []
     start = time.process_time()
     _, ema = train.train(config, dataset=_training_data(config.data), max_steps=steps,
-                         out_dir=Path(cache_dir or CACHE_DIR) / key, resume=False, verbose=False,
+                         out_dir=Path(cache_dir or CACHE_DIR) / key, resume=False, verbose=False, device=device,
                          callback=lambda step, loss: losses.append(loss))
     cpu_s = time.process_time() - start
     curve = [float(np.mean(losses[i:i + log_every])) for i in range(0, len(losses), log_every)]
@@ -350,7 +358,8 @@ def run(rows: list[Row], settings: Settings, *, on_result=None, log=print) -> di
             config = make_config(list(row.overrides) + list(settings.extra) + [f"train.seed={seed}"])
             key = model_key(config, settings.train_steps)
             if key not in trained:
-                trained[key] = train_model(config, settings.train_steps, cache_dir=settings.cache_dir)
+                trained[key] = train_model(config, settings.train_steps, cache_dir=settings.cache_dir,
+                                           device=settings.device)
                 model = trained[key]
                 models[key] = {"variant": row.variant, "seed": seed, "overrides": list(row.overrides), **model.record}
                 log(f"seed {seed} {row.variant:>24}: {model.record['params']:,} params, {model.record['steps']} steps "
@@ -401,11 +410,14 @@ def summarise(rows: list[Row], models: dict, per_seed: dict) -> dict:
 # Reports: the JSON written to data/results, the sample grid
 
 
-def machine_note() -> str:
-    """Where the numbers were measured: CPU, cores, threads, load at the start, library versions (no paths)."""
+def machine_note(device=None) -> str:
+    """Where the numbers were measured: CPU, cores, threads, load at the start, the GPU if one was used, library
+    versions (no paths)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    device = torch.device(device or "cpu")
+    gpu = f", {device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), {torch.get_num_threads()} torch "
-            f"thread(s), load average {load:.1f} at the start, python {platform.python_version()}, "
+            f"thread(s), load average {load:.1f} at the start{gpu}, python {platform.python_version()}, "
             f"torch {torch.__version__}, minildm {minildm.__version__}")
 
 
@@ -420,6 +432,8 @@ def add_arguments(parser, *, seeds: str = "0,1,2", train_steps: int = 300) -> No
     parser.add_argument("--variants", default="", help="comma-separated subset of the rows (default: all)")
     parser.add_argument("--extra", default="", help="overrides for every variant, e.g. 'unet.channels=32 ...'")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="", help="where models train and are evaluated, e.g. cpu, cuda, cuda:1 "
+                                                     "(default: CUDA when available, else the CPU)")
     parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="trained weights and evaluations ('' = none)")
     parser.add_argument("--out", default="", help="write the results JSON here")
     parser.add_argument("--grid", default="", help="also save 16 samples of each row (first seed) as a PNG here")
@@ -429,7 +443,8 @@ def settings_from(args) -> Settings:
     return Settings(seeds=tuple(int(s) for s in args.seeds.split(",") if s), train_steps=args.train_steps,
                     num_samples=args.num_samples, bpd_images=args.bpd_images,
                     bpd_terms=args.bpd_terms or None, extra=tuple(args.extra.split()),
-                    cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+                    cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                    device=resolve_device(getattr(args, "device", "")))
 
 
 def select(rows: list[Row], names: str, parser) -> list[Row]:
@@ -454,8 +469,9 @@ def main_run(experiment: str, module: str, claim: str, rows: list[Row], args, ar
         "experiment": experiment,
         "claim": claim,
         "command": f"OMP_NUM_THREADS={args.threads} MINILDM_PROGRESS=0 python -m {module} " + " ".join(argv),
-        "machine": machine_note(),
+        "machine": machine_note(settings.device),
         "settings": {"base": {"preset": BASE_PRESET, "overrides": BASE}, "seeds": list(settings.seeds),
+                     "device": str(settings.device),
                      "train_steps": settings.train_steps, "num_samples": settings.num_samples,
                      "bpd_images": settings.bpd_images, "bpd_terms": settings.bpd_terms, "extra": list(settings.extra),
                      "rows": {row.name: {"variant": row.variant, "overrides": list(row.overrides),
