@@ -16,9 +16,6 @@ A notebook draws the result with `adm_ablation.plot(json.load(...))`.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from minildm.experiments import runner
 
 ATTENTION = ["unet.attention_resolutions=8,4", "unet.num_head_channels=8"]
@@ -63,16 +60,8 @@ def plot(report: dict):
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m minildm.experiments.adm_ablation",
-                                     description=__doc__.split("\n")[0])
-    runner.add_arguments(parser)
-    parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the scored samples")
-    args = parser.parse_args(argv)
-    selected = runner.select(rows(args.sample_steps), args.variants, parser)
-    report = runner.main_run("adm", "minildm.experiments.adm_ablation", CLAIM, selected, args, argv)
-    print("\n".join(runner.verdicts(report) + runner.verdicts(report, "heldout_loss")))
-    return report
+    return runner.ddim_experiment_main("adm", "minildm.experiments.adm_ablation", __doc__.split("\n")[0], CLAIM, rows,
+                                       "heldout_loss", argv)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,6 @@ A notebook draws the result with `ddpm_objectives.plot(report)`.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from minildm.experiments import runner
 
 VARIANTS = {
@@ -62,16 +59,8 @@ def plot(report: dict):
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m minildm.experiments.ddpm_objectives",
-                                     description=__doc__.split("\n")[0])
-    runner.add_arguments(parser)
-    parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the scored samples")
-    args = parser.parse_args(argv)
-    selected = runner.select(rows(args.sample_steps), args.variants, parser)
-    report = runner.main_run("ddpm_objectives", "minildm.experiments.ddpm_objectives", CLAIM, selected, args, argv)
-    print("\n".join(runner.verdicts(report) + runner.verdicts(report, "bits_per_dim")))
-    return report
+    return runner.ddim_experiment_main("ddpm_objectives", "minildm.experiments.ddpm_objectives",
+                                       __doc__.split("\n")[0], CLAIM, rows, "bits_per_dim", argv)
 
 
 if __name__ == "__main__":

@@ -460,6 +460,24 @@ def select(rows: list[Row], names: str, parser) -> list[Row]:
     return [row for row in rows if row.name in needed]
 
 
+def ddim_experiment_main(experiment: str, module: str, description: str, claim: str, rows, second_metric: str,
+                         argv=None) -> dict:
+    """The command line of an experiment scored on DDIM samples: `rows(sample_steps)` run by `main_run`, then
+    the paired verdicts on the Fréchet distance and on `second_metric`."""
+    import argparse
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    add_arguments(parser)
+    parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the scored samples")
+    args = parser.parse_args(argv)
+    selected = select(rows(args.sample_steps), args.variants, parser)
+    report = main_run(experiment, module, claim, selected, args, argv)
+    print("\n".join(verdicts(report) + verdicts(report, second_metric)))
+    return report
+
+
 def main_run(experiment: str, module: str, claim: str, rows: list[Row], args, argv) -> dict:
     """Run `rows` with the CLI's settings, writing the report (partial after every row) to args.out."""
     torch.set_num_threads(args.threads)
