@@ -6,8 +6,9 @@
     >>> presets.info("ddpm-cifar10").params   # exact parameter count of the original network
 
 Each entry cites its source (paper table or official README flags), the exact parameter count
-that the original code builds (see ../shared/PAPER_FACTS.md), the training recipe (in the
-config's `train` and `diffusion` sections) and the result the paper reported with it.
+that the original code builds (tests check it against the checkpoint manifests in tests/reference),
+the training recipe (in the config's `train` and `diffusion` sections) and the result the paper
+reported with it.
 """
 
 from __future__ import annotations
