@@ -26,13 +26,59 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from minildm.checkpoints import CheckpointError
+    from minildm.data import DatasetUnavailableError
+    from minildm.train import RunLockedError, TrainingDiverged, TrainingInterrupted
+
     try:
         return args.run(args)
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        # Errors that say what to change (unknown preset or key, bad value, missing file): no traceback.
+    except TrainingInterrupted as stopped:
+        print(f"minildm {args.command}: {stopped}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"minildm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (KeyError, ValueError, OSError, CheckpointError, DatasetUnavailableError, RunLockedError,
+            TrainingDiverged) as error:
+        # Errors that say what to change (unknown preset or key, bad value, missing or damaged file, a
+        # dataset offline, a folder in use, a diverged run, a full disk): one line, no traceback.
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        if isinstance(error, OSError) and error.filename and not isinstance(error, ConnectionError):
+            message = f"{error.strerror or error} ({error.filename})"
         print(f"minildm {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _device(name: str):
+    """The torch device `name` (default: cuda if available), or a ValueError that says what exists."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: there are {count} GPUs (cuda:0 .. cuda:{count - 1})")
+    elif device.type != "cpu" and device.type != "mps":
+        raise ValueError(f"--device {name!r}: minildm runs on cpu, cuda or mps")
+    return name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder for checkpoint, samples and log (default: train.out_dir)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.safetensors (without it an existing checkpoint is an error)")
-    p.add_argument("--max-steps", type=int, help="total number of steps (same as train.max_steps=N)")
+    p.add_argument("--max-steps", type=_positive, help="total number of steps (same as train.max_steps=N)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(run=_train)
@@ -66,9 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                             description="Sample from CHECKPOINT (a .safetensors file written by training, or the "
                                         "name of a preset with an official checkpoint, downloaded on first use).")
     p.add_argument("checkpoint", help="checkpoint file, or a preset name such as adm-imagenet64")
-    p.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--num", type=_positive, default=16, help="number of samples (default 16)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="DDIM or ancestral DDPM (default ddim)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps, respaced evenly over T (default 50)")
+    p.add_argument("--steps", type=_positive, default=50, help="sampling steps, respaced evenly over T (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -84,9 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                                         "CHECKPOINT on the first NUM items of the held-out split of its dataset. "
                                         "One network call per timestep per batch: T=1000 is slow on a CPU.")
     p.add_argument("checkpoint", help="checkpoint file written by training")
-    p.add_argument("--num", type=int, default=64, help="number of held-out items (default 64)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, help="evaluate the bound of the chain respaced to this many steps "
+    p.add_argument("--num", type=_positive, default=64, help="number of held-out items (default 64)")
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--steps", type=_positive, help="evaluate the bound of the chain respaced to this many steps "
                                              "(default: all T steps, the paper's number)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
@@ -132,11 +178,17 @@ def _train(args) -> int:
         step = checkpoints.read_metadata(existing)["step"]
         raise ValueError(f"{existing} already exists (step {step}); pass --resume to continue that run, "
                          f"or --out <folder> to start a new one")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the checkpoint, samples and log")
     config.train.out_dir = str(out)
     main_process = os.environ.get("RANK", "0") == "0"
+    if args.device is not None:
+        _device(args.device)
     if main_process and not args.quiet:
         overrides = f" (overrides: {' '.join(args.overrides)})" if args.overrides else ""
         print(f"training {args.preset} -> {out}{overrides}")
+        if args.resume and not existing.is_file():
+            print(f"--resume: no checkpoint in {out} yet, so this starts a new run")
     train.train(config, resume=args.resume, max_steps=args.max_steps, device=args.device, verbose=not args.quiet)
     if main_process and not args.quiet and config.train.save_every > 0:
         print(f"checkpoint: {existing}")
@@ -147,7 +199,7 @@ def _load(args):
     """(model to use, config) from a checkpoint file or an official preset name."""
     from minildm import checkpoints, presets
 
-    device = args.device or ("cuda" if _cuda() else "cpu")
+    device = _device(args.device)
     path = Path(args.checkpoint)
     if not path.exists() and args.checkpoint in presets.names():
         model, config = checkpoints.load_official(args.checkpoint, device=device)
@@ -166,6 +218,11 @@ def _sample(args) -> int:
                          "(model_kwargs={'low_res': ...})")
     y = None
     if args.label is not None:
+        classes = config.unet.num_classes if config.model == "unet" else 0
+        if classes == 0:
+            raise ValueError(f"--class {args.label}: this model is unconditional (unet.num_classes=0); leave --class out")
+        if not 0 <= args.label < classes:
+            raise ValueError(f"--class {args.label}: this model has classes 0 .. {classes - 1}")
         y = [args.label] * args.num
     samples = train.generate(model, minildm.build_diffusion(config), config, args.num, sampler=args.sampler,
                              steps=args.steps, eta=args.eta, seed=args.seed, y=y, progress_bar=progress.enabled())
@@ -220,12 +277,6 @@ def _info(args) -> int:
           f"{sum(k.startswith('ema.') for k in keys)} EMA tensors, "
           f"{sum(k.startswith('optimizer.') for k in keys)} optimizer tensors")
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

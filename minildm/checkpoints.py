@@ -1,13 +1,16 @@
 """Checkpoints: one safetensors file per checkpoint, and the official OpenAI weights.
 
-A minildm checkpoint is a single `.safetensors` file written atomically (temporary file, then
-`os.replace`), so a crash during a save never leaves a half-written checkpoint behind:
+A minildm checkpoint is a single `.safetensors` file written atomically (temporary file, fsync,
+`os.replace`, fsync of the folder), so a crash during a save never leaves a half-written checkpoint
+behind; every tensor's CRC-32 is stored and checked when it is read, so a corrupted file is an error,
+not silently wrong weights, and non-finite weights are refused instead of written:
 
     tensors   model.<name>                    the network (guided-diffusion key names)
               ema.<name>                      its exponential moving average (optional)
               optimizer.state.<i>.<name>      AdamW moments and step counts (training checkpoints)
     metadata  JSON strings in the safetensors header: format, minildm version, step, the resolved
-              config (`minildm.config.to_dict`), optimizer param groups, GradScaler state
+              config (`minildm.config.to_dict`), optimizer param groups, GradScaler state,
+              checksums (CRC-32 of every tensor's bytes)
 
 No random-generator state is stored: the training loop draws everything random from (seed, step,
 rank), so weights + EMA + optimizer + scaler + step are the whole state of a run (see `minildm.train`).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -85,11 +89,18 @@ def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, 
     model / ema: modules (a DDP or compiled wrapper is unwrapped). optimizer / scaler make it a
     training checkpoint that `load_training_state` resumes exactly.
     extra: a JSON-serialisable dict stored in the metadata.
+    Raises `CheckpointError` (and writes nothing) if a weight is NaN or infinite: a diverged run
+    never replaces the last good checkpoint.
     """
     path = Path(path)
     tensors = {f"model.{k}": v for k, v in _unwrap(model).state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in _unwrap(ema).state_dict().items()})
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"not writing {path}: {len(bad)} tensors hold NaN or infinite values (first: "
+                              f"{bad[0]}); the run diverged. The previous checkpoint, if any, is kept: resume "
+                              "from it with a lower train.lr or a train.grad_clip")
     metadata = {
         "format": FORMAT,
         "minildm_version": minildm.__version__,
@@ -113,14 +124,55 @@ def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, 
         metadata["scaler"] = json.dumps(scaler.state_dict())
     # safetensors wants contiguous CPU tensors that share no memory (channels_last is not contiguous).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    metadata["checksums"] = json.dumps({k: _crc32(v) for k, v in tensors.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions of any other file the run writes
+        with open(tmp, "rb") as file:  # on disk before the rename makes it the checkpoint
+            os.fsync(file.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # the rename itself survives a power cut
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _crc32(tensor) -> int:
+    """CRC-32 of a contiguous CPU tensor's bytes (any dtype, any shape)."""
+    return zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()) if tensor.numel() else 0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete `.<name>.tmp<pid>` files left by saves whose process was killed (pid no longer running)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,11 +197,19 @@ def read_metadata(path) -> dict:
         hint = " For official OpenAI .pt files use checkpoints.load_official." if path.suffix == ".pt" else ""
         raise CheckpointError(f"{path} is a safetensors file but not a minildm checkpoint (format "
                               f"{raw.get('format')!r}, expected {FORMAT!r}).{hint}")
+    missing = [name for name in ("step", "config", "has_ema") if name not in raw]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint's metadata has no {', '.join(missing)}; it was not written by "
+                              "minildm.checkpoints.save or was edited. Copy or download it again")
     metadata = dict(raw)
-    metadata["step"] = int(raw["step"])
-    for name in ("config", "has_ema", "extra", "optimizer", "scaler"):
-        if name in raw:
-            metadata[name] = json.loads(raw[name])
+    try:
+        for name in ("config", "has_ema", "extra", "optimizer", "scaler", "checksums"):
+            if name in raw:
+                metadata[name] = json.loads(raw[name])
+        metadata["step"] = int(raw["step"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: the checkpoint's metadata is damaged ({type(error).__name__}: {error}); "
+                              "copy or download the file again") from None
     metadata["keys"] = keys
     return metadata
 
@@ -163,7 +223,7 @@ def load(path, *, device="cpu", ema=True) -> Loaded:
     """
     metadata = read_metadata(path)
     config = config_lib.from_dict(metadata["config"])
-    tensors = _read_tensors(path, ("model.", "ema.") if ema else ("model.",), device)
+    tensors = _read_tensors(path, ("model.", "ema.") if ema else ("model.",), device, metadata.get("checksums"))
     model = minildm.build_model(config, device=device)
     load_weights(model, _strip(tensors, "model."), source=f"{path} (model)")
     model.eval()
@@ -182,10 +242,10 @@ def load_training_state(path, model, *, ema=None, optimizer=None, scaler=None) -
     """
     metadata = read_metadata(path)
     device = next(iter(_unwrap(model).state_dict().values())).device
-    tensors = _read_tensors(path, ("model.", "ema."), device)
+    tensors = _read_tensors(path, ("model.", "ema."), device, metadata.get("checksums"))
     # Optimizer state is read on the CPU: load_state_dict moves the moments to the parameters' device
     # and keeps AdamW's step counters on the CPU, exactly where a fresh optimizer has them.
-    tensors.update(_read_tensors(path, ("optimizer.",), "cpu"))
+    tensors.update(_read_tensors(path, ("optimizer.",), "cpu", metadata.get("checksums")))
     load_weights(_unwrap(model), _strip(tensors, "model."), source=f"{path} (model)")
     if ema is not None:
         if not metadata["has_ema"]:
@@ -227,16 +287,28 @@ def load_weights(model, state_dict, *, source="checkpoint") -> None:
         lines.append("Build the model from the config the weights were trained with "
                      "(checkpoints.load does this from the stored config).")
         raise CheckpointError("\n".join(lines))
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"the weights in {source} hold NaN or infinite values ({len(broken)} tensors, first: "
+                              f"{broken[0]}): they come from a run that diverged. Use an earlier checkpoint")
     model.load_state_dict(state_dict, strict=True)
 
 
-def _read_tensors(path, prefixes, device) -> dict:
+def _read_tensors(path, prefixes, device, checksums=None) -> dict:
+    """The tensors whose names start with one of `prefixes`, each checked against its stored CRC-32."""
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as file:
-            return {k: file.get_tensor(k) for k in file.keys() if k.startswith(tuple(prefixes))}
+        with safe_open(str(path), framework="pt") as file:
+            tensors = {k: file.get_tensor(k) for k in file.keys() if k.startswith(tuple(prefixes))}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: cannot read tensors ({error}); the file is truncated or corrupted. "
                               "Copy or download it again.") from None
+    if checksums is not None:
+        damaged = [k for k, v in tensors.items() if checksums.get(k) != _crc32(v)]
+        if damaged:
+            raise CheckpointError(f"{path} is corrupted: {len(damaged)} tensors do not match their stored checksum "
+                                  f"(first: {damaged[0]}). Copy or download it again, or resume from an earlier "
+                                  "checkpoint")
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def _strip(tensors, prefix) -> dict:

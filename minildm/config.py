@@ -2,13 +2,16 @@
 
 A config is plain data. `to_dict` / `from_dict` round-trip it through JSON (checkpoints
 store it), and `override(config, ["unet.channels=64", "train.lr=1e-4"])` is the one
-`section.field=value` syntax shared by the command line and the notebooks.
+`section.field=value` syntax shared by the command line and the notebooks. `validate` checks
+every field's range or choice and the fields that must agree; `override`, `presets.register` and
+`train.train` call it, so no run starts with settings it cannot honour.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -100,6 +103,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 5000
+    lr_schedule: str = "constant"  # constant | cosine (from lr down to lr_final at max_steps)
+    lr_decay_steps: int = 0  # cosine over the last N steps only, constant before (0: all steps after warm-up)
+    lr_final: float = 0.0  # the cosine schedule's last learning rate
     max_steps: int = 800_000
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
@@ -162,6 +168,134 @@ def from_dict(data: dict, cls=Config):
     return cls(**kwargs)
 
 
+class ConfigError(ValueError):
+    """A setting out of its range, not one of its choices, or at odds with another; names the field."""
+
+
+def validate(config: Config, *, own_data: bool = False) -> Config:
+    """Check every field of `config` and the fields that must agree; returns it, or raises `ConfigError`.
+
+    The message names the field, the value and what is allowed, e.g.
+    "train.ema_decay=2.0 must be a finite number in [0, 1)". Only the section of `config.model` is
+    checked. own_data=True: the run trains on data passed in (`train.train(dataset=...)`), so the
+    data section need not match the network.
+    """
+    problems = []
+
+    def need(ok, key, value, allowed):
+        if not ok:
+            problems.append(f"{key}={value!r} {allowed}")
+
+    def choice(key, value, choices):
+        need(value in choices, key, value, f"is not one of {', '.join(map(repr, choices))}")
+
+    def count(key, value, low=1):
+        need(isinstance(value, int) and value >= low, key, value, f"must be an integer >= {low}")
+
+    def number(key, value, low=None, high=None, *, open_low=False, open_high=False):
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        ok = ok and (low is None or (value > low if open_low else value >= low))
+        ok = ok and (high is None or (value < high if open_high else value <= high))
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        need(ok, key, value, f"must be a finite number in {interval}" if high is not None
+             else f"must be a finite number {'>' if open_low else '>='} {low}")
+
+    from minildm import data, diffusion, schedules  # the lists of valid names live beside their code
+
+    choice("model", config.model, ("unet", "mlp"))
+    if config.model == "unet":
+        u = config.unet
+        for name in ("image_size", "in_channels", "out_channels", "channels", "num_heads", "norm_groups"):
+            count(f"unet.{name}", getattr(u, name))
+        count("unet.num_res_blocks", u.num_res_blocks)
+        count("unet.num_classes", u.num_classes, 0)
+        need(len(u.channel_mult) > 0 and all(m > 0 for m in u.channel_mult), "unet.channel_mult", u.channel_mult,
+             "must be one or more positive multipliers, e.g. 1,2,2,2")
+        need(all(isinstance(r, int) and r > 0 for r in u.attention_resolutions), "unet.attention_resolutions",
+             u.attention_resolutions, "must be feature-map sides (positive integers), e.g. 16,8")
+        number("unet.dropout", u.dropout, 0, 1, open_high=True)
+        need(u.num_head_channels == -1 or u.num_head_channels > 0, "unet.num_head_channels", u.num_head_channels,
+             "must be -1 (use num_heads) or a positive channel count")
+        need(u.num_heads_upsample == -1 or u.num_heads_upsample > 0, "unet.num_heads_upsample",
+             u.num_heads_upsample, "must be -1 (same as num_heads) or positive")
+        need(not u.null_class or u.num_classes > 0, "unet.null_class", u.null_class,
+             "needs a class-conditional network: set unet.num_classes > 0")
+        number("unet.time_scale", u.time_scale, 0, open_low=True)
+        if u.channels > 0 and u.norm_groups > 0:
+            widths = sorted({u.channels} | {int(u.channels * m) for m in u.channel_mult if m > 0})
+            bad = [w for w in widths if w % u.norm_groups]
+            need(not bad, "unet.norm_groups", u.norm_groups, f"must divide every level's width {widths} "
+                                                               f"(it does not divide {bad})")
+        learned = config.diffusion.model_var_type == "learned_range"
+        need(u.learn_sigma == learned, "unet.learn_sigma", u.learn_sigma,
+             f"must be {learned} with diffusion.model_var_type={config.diffusion.model_var_type!r} (the network "
+             "outputs the variance channels exactly when the variance is learned)")
+        if config.data.dataset != "toy2d" and not own_data:
+            need(u.image_size == config.data.image_size, "unet.image_size", u.image_size,
+                 f"must equal data.image_size={config.data.image_size} (the network samples at the size it "
+                 "trains on); set both")
+        need(config.data.dataset != "toy2d" or own_data, "data.dataset", config.data.dataset,
+             "holds 2-D points: use model=mlp for it (the UNet needs images)")
+    else:
+        m = config.mlp
+        for name in ("data_dim", "hidden", "num_layers", "time_dim"):
+            count(f"mlp.{name}", getattr(m, name))
+        need(config.data.dataset == "toy2d" or own_data, "data.dataset", config.data.dataset, "must be 'toy2d' with model=mlp")
+
+    d = config.diffusion
+    count("diffusion.num_timesteps", d.num_timesteps)
+    choice("diffusion.beta_schedule", d.beta_schedule, schedules.SCHEDULES)
+    number("diffusion.beta_start", d.beta_start, 0, 1, open_high=True)
+    number("diffusion.beta_end", d.beta_end, 0, 1, open_high=True)
+    need(d.beta_end == 0 or d.beta_start <= d.beta_end, "diffusion.beta_start", d.beta_start,
+         f"must not exceed diffusion.beta_end={d.beta_end}")
+    choice("diffusion.model_mean_type", d.model_mean_type, diffusion.MEAN_TYPES)
+    choice("diffusion.model_var_type", d.model_var_type, diffusion.VAR_TYPES)
+    choice("diffusion.loss_type", d.loss_type, diffusion.LOSS_TYPES)
+    need(not (d.model_var_type == "learned_range" and d.loss_type == "simple"), "diffusion.loss_type", d.loss_type,
+         "gives learned variances no training signal: use 'hybrid' or 'vlb' with model_var_type='learned_range'")
+    number("diffusion.hybrid_lambda", d.hybrid_lambda, 0)
+    number("diffusion.snr_gamma", d.snr_gamma, 0)
+
+    a = config.data
+    choice("data.dataset", a.dataset, data.DATASETS)
+    count("data.image_size", a.image_size)
+    count("data.num_workers", a.num_workers, 0)
+    count("data.num_samples", a.num_samples)
+    choice("data.toy", a.toy, data.TOY_2D)
+
+    t = config.train
+    count("train.batch_size", t.batch_size)
+    number("train.lr", t.lr, 0, open_low=True)
+    choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    number("train.lr_final", t.lr_final, 0, t.lr if math.isfinite(t.lr) else None)
+    number("train.weight_decay", t.weight_decay, 0)
+    need(len(t.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas),
+         "train.adam_betas", t.adam_betas, "must be two numbers in [0, 1), e.g. 0.9,0.999")
+    count("train.warmup_steps", t.warmup_steps, 0)
+    count("train.lr_decay_steps", t.lr_decay_steps, 0)
+    count("train.max_steps", t.max_steps)
+    number("train.grad_clip", t.grad_clip, 0)
+    number("train.ema_decay", t.ema_decay, 0, 1, open_high=True)
+    number("train.cond_dropout", t.cond_dropout, 0, 1)
+    need(t.cond_dropout == 0 or (config.model == "unet" and config.unet.null_class), "train.cond_dropout",
+         t.cond_dropout, "replaces labels by the null class: set unet.null_class=true (and unet.num_classes > 0)")
+    choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
+    count("train.seed", t.seed, 0)
+    for name in ("log_every", "sample_every", "save_every"):
+        count(f"train.{name}", getattr(t, name), 0)
+    need(bool(t.out_dir), "train.out_dir", t.out_dir, "must name a folder")
+
+    s = config.sample
+    choice("sample.sampler", s.sampler, ("ddpm", "ddim"))
+    number("sample.eta", s.eta, 0)
+    count("sample.num_samples", s.num_samples)
+    count("sample.batch_size", s.batch_size)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    return config
+
+
 def override(config, overrides) -> Config:
     """Return a copy of `config` with `"section.field=value"` strings applied.
 
@@ -184,7 +318,7 @@ def override(config, overrides) -> Config:
         if name not in fields:
             raise KeyError(f"unknown config key {key!r}; valid keys of {type(target).__name__}: {sorted(fields)}")
         setattr(target, name, _coerce(value.strip(), typing.get_type_hints(type(target))[name], key))
-    return config
+    return validate(config) if isinstance(config, Config) else config
 
 
 def _coerce(value, hint, key):
@@ -195,6 +329,9 @@ def _coerce(value, hint, key):
         if isinstance(value, str):
             value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
         item_type = args[0]
+        if len(args) != 2 or args[1] is not Ellipsis:  # a fixed-length tuple such as adam_betas
+            if len(value) != len(args):
+                raise ValueError(f"{key}: needs {len(args)} comma-separated values, got {len(value)} ({value!r})")
         return tuple(_coerce(v, item_type, key) for v in value)
     try:
         if hint is bool:
@@ -205,11 +342,11 @@ def _coerce(value, hint, key):
             return bool(value)
         if hint is int:
             number = float(value)
-            if number != int(number):
+            if not math.isfinite(number) or number != int(number):
                 raise ValueError
             return int(number)
         if hint is float:
             return float(value)
         return hint(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{key}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None

@@ -247,14 +247,34 @@ def evaluator_info(path=None) -> dict:
 
 
 @torch.no_grad()
+def check_images(images, name: str = "images") -> None:
+    """Raise a ValueError unless `images` is a float tensor [N, 3, H, W] with values in [-1, 1].
+
+    The evaluator was trained on [-1, 1]: a [0, 255] or uint8 batch would be clamped to near-white
+    and scored as garbage (0% confident), not rejected; this says how to convert it instead.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [N, 3, H, W], got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} must be RGB [N, 3, H, W] in [-1, 1]; got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} have dtype {images.dtype}; give floats in [-1, 1] (uint8: x.float() / 127.5 - 1)")
+    if images.numel():
+        low, high = images.min().item(), images.max().item()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"{name} hold NaN or infinite values: the model that made them diverged")
+        if low < -1.05 or high > 1.05:
+            hint = "x / 127.5 - 1 for [0, 255]" if high > 2 else "2 x - 1 for [0, 1]"
+            raise ValueError(f"{name} span [{low:.3g}, {high:.3g}] but must be in [-1, 1]; convert with {hint}")
+
+
 def classify(images: torch.Tensor, evaluator: ShapesEvaluator | None = None, batch_size: int = 500) -> dict:
     """Run the evaluator on images [N, 3, H, W] in [-1, 1] (resized to 32x32 if needed).
 
     Returns dict(features [N, 64], kind_probs [N, 5], color_probs [N, 7], kind [N], color [N]) on the CPU.
     """
     evaluator = evaluator if evaluator is not None else load_evaluator()
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be RGB [N, 3, H, W] in [-1, 1]; got shape {tuple(images.shape)}")
+    check_images(images)
     device = next(evaluator.parameters()).device
     features, logits = [], []
     for batch in images.split(batch_size):
@@ -295,6 +315,7 @@ def evaluate_shapes(images: torch.Tensor, *, labels=None, threshold: float = 0.9
                                same for the N real images
       num_images, num_reference, metric (the distance's name)
     """
+    check_images(images)
     n, size = images.shape[0], images.shape[-1]
     if n < 2:
         raise ValueError("evaluate_shapes needs at least 2 images (the Fréchet distance fits a covariance)")

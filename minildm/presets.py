@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from minildm import config as config_lib
 from minildm.config import Config, DataConfig, DiffusionConfig, MLPConfig, SampleConfig, TrainConfig, UNetConfig
 
 
@@ -39,6 +40,7 @@ def register(preset: Preset) -> Preset:
     """Add a preset to the table (names are unique)."""
     if preset.name in _REGISTRY:
         raise ValueError(f"preset {preset.name!r} is already registered")
+    config_lib.validate(preset.config)
     _REGISTRY[preset.name] = preset
     return preset
 
@@ -103,7 +105,8 @@ _SHAPES_UNET = UNetConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), nu
                           attention_resolutions=(8,), dropout=0.0, num_head_channels=32, norm_groups=8)
 _SHAPES_DIFFUSION = DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="fixed_large",
                                     snr_gamma=5.0)
-_SHAPES_TRAIN = TrainConfig(batch_size=16, lr=1e-3, warmup_steps=200, max_steps=6000, ema_decay=0.999,
+_SHAPES_TRAIN = TrainConfig(batch_size=16, lr=1e-3, warmup_steps=200, max_steps=5000, lr_schedule="cosine",
+                            lr_decay_steps=1500, ema_decay=0.999,
                             sample_every=500, save_every=250, log_every=50, out_dir="runs/ddpm-shapes")
 
 register(Preset(

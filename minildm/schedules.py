@@ -71,8 +71,10 @@ def alpha_bar(betas) -> np.ndarray:
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size == 0:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-    if not ((betas > 0) & (betas <= 1)).all():
-        raise ValueError(f"every beta must lie in (0, 1]; got min {betas.min()}, max {betas.max()}")
+    if not ((betas > 0) & (betas < 1)).all():
+        raise ValueError(f"every beta must lie in (0, 1); got min {betas.min()}, max {betas.max()} (beta = 1 "
+                         "erases the signal: alpha_bar = 0 and 1 / sqrt(alpha_bar) is infinite; iDDPM's cosine "
+                         "schedule clips betas at 0.999)")
     return np.cumprod(1.0 - betas)
 
 

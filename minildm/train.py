@@ -9,7 +9,7 @@ One step (DDPM Algorithm 1, with the usual engineering):
     x0, y   <- batch `step` of a shuffle fixed by (seed, step)       deterministic data order
     t, noise <- drawn from a generator seeded by (seed, step)        t ~ U{0..T-1}, noise ~ N(0, I)
     loss    <- diffusion.training_losses(model, x0, t, noise).mean() L_simple / L_hybrid / L_vlb
-    AdamW step with linear warmup, gradient-norm clipping, mixed precision on CUDA
+    AdamW step with linear warmup (then constant or cosine), gradient-norm clipping, mixed precision on CUDA
     ema     <- d * ema + (1 - d) * model, d = min(decay, (1+k)/(10+k))  the weights that are sampled
 
 Exact resume: every random draw of a step (its batch, t, noise, dropout masks, random flips)
@@ -22,13 +22,13 @@ and step to continue bit for bit. Multi-GPU: run the same command under
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -57,11 +57,29 @@ class Trained(NamedTuple):
 # Small pieces of the loop, each usable (and tested) on its own
 
 
-def learning_rate(train_config, step: int) -> float:
-    """Linear warmup to `lr` over `warmup_steps`, then constant (DDPM's `get_warmed_up_lr`, 1-based)."""
-    if train_config.warmup_steps <= 0:
-        return train_config.lr
-    return train_config.lr * min(1.0, (step + 1) / train_config.warmup_steps)
+def learning_rate(train_config, step: int, total_steps: int | None = None) -> float:
+    """The learning rate of step `step` (0-based) of a run of `total_steps` (default train.max_steps).
+
+    Linear warm-up to `lr` over `warmup_steps` (DDPM's `get_warmed_up_lr`, 1-based), then
+        constant:  lr                                                   (DDPM, ADM)
+        cosine:    lr until step s, then lr_final + (lr - lr_final) (1 + cos(pi p)) / 2,
+                   p = (step - s) / (total - s),  s = total - lr_decay_steps (or warmup_steps if 0)
+    The cosine reaches `lr_final` at the last step (SGDR without restarts, Loshchilov & Hutter 2017);
+    with `lr_decay_steps` it decays only at the end ("warm-up, stable, decay", Hu et al. 2024), so a
+    constant-rate run can be resumed into its decay and still equal a run trained that way from the start.
+    """
+    cfg = train_config
+    warm = 1.0 if cfg.warmup_steps <= 0 else min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr * warm
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"train.lr_schedule={cfg.lr_schedule!r} is not a schedule; use 'constant' or 'cosine'")
+    total = cfg.max_steps if total_steps is None else total_steps
+    start = cfg.warmup_steps if cfg.lr_decay_steps <= 0 else max(cfg.warmup_steps, total - cfg.lr_decay_steps)
+    if step < start:
+        return cfg.lr * warm
+    progress = min(1.0, (step - start) / max(1, total - start))
+    return cfg.lr_final + (cfg.lr - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def ema_decay(train_config, step: int) -> float:
@@ -181,6 +199,89 @@ def _precision(config_precision: str, device: torch.device):
 # The loop
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint written before it is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run at a step boundary, after saving a checkpoint there."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is training into the same output folder."""
+
+
+class RunLock:
+    """One writer per run folder: an exclusive `flock` on `<out_dir>/.lock`, held for the whole run.
+
+    The lock file names the process holding it; the operating system releases the lock when that
+    process ends, however it ends (kill -9 included), so a stale lock never blocks a resume.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / ".lock"
+        self.file = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise RunLockedError(f"{self.path.parent} is in use by {holder}: two runs must not write one folder. "
+                                 "Wait for that run to end (or stop it), or pass another --out / out_dir") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"process {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.flush()
+        self.file = file
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # closing releases the flock
+            self.file = None
+
+
+class StopOnSigint:
+    """Turn the first Ctrl-C into a request to stop at the next step boundary (a second one stops at once).
+
+    Only the main thread can install a signal handler; elsewhere Ctrl-C behaves as usual.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:  # the second Ctrl-C: no more waiting
+            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, out_dir=None, device=None,
           verbose=True) -> Trained:
     """Train `config`'s model on its data (or on `dataset`); returns `Trained(model, ema)`.
@@ -194,15 +295,28 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
     callback: called on the main process after every step as callback(step, loss) (step counts from 1).
     out_dir: where checkpoints, sample grids, log.jsonl and config.json go (default config.train.out_dir);
     nothing is written when train.save_every and train.sample_every are both 0.
+
+    Nothing lost: the run holds `<out_dir>/.lock` (a second run on the folder raises `RunLockedError`);
+    a NaN or infinite loss raises `TrainingDiverged` naming the step, before the weights are saved;
+    Ctrl-C saves a checkpoint at the end of the current step and raises `TrainingInterrupted`.
     """
     from minildm import data
 
+    config_lib.validate(config, own_data=dataset is not None)
     cfg = config.train
-    total_steps = cfg.max_steps if max_steps is None else int(max_steps)
+    total_steps = cfg.max_steps if max_steps is None else max_steps
+    if not isinstance(total_steps, int) or total_steps < 0:
+        raise config_lib.ConfigError(f"max_steps={total_steps!r} must be an integer >= 0 (the total number of "
+                                     "steps, counted from the run's start; 0 returns the initial weights)")
     out_dir = Path(out_dir if out_dir is not None else cfg.out_dir)
     env = setup_distributed(device)
     device = env.device
+    writes = cfg.save_every > 0 or cfg.sample_every > 0
+    guards = contextlib.ExitStack()
     try:
+        if env.main and writes:
+            guards.enter_context(RunLock(out_dir))
+        stop = guards.enter_context(StopOnSigint())
         autocast_dtype, use_scaler = _precision(cfg.precision, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -229,7 +343,6 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
             if verbose and env.main:
                 _note_config_changes(state["config"], config)
                 print(f"resumed from {checkpoint_path} at step {step}")
-        writes = cfg.save_every > 0 or cfg.sample_every > 0
         if env.main and writes:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
@@ -258,7 +371,7 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
 
         def denoiser(x_t, t, **kwargs):
             # Mixed precision covers the network only; the loss is computed in float32.
-            with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+            with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
                 return forward(x_t, t, **kwargs).float()
 
         t_generator, noise_generator = torch.Generator(), torch.Generator(device)
@@ -289,11 +402,16 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
                 model_kwargs = {"y": y.to(device)}
 
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
+                group["lr"] = learning_rate(cfg, step, total_steps)
             # L_simple needs no bound term: skip it (with_vb=False); L_hybrid / L_vlb compute it anyway.
             losses = diffusion.training_losses(denoiser, x0, t, noise=noise, model_kwargs=model_kwargs,
                                                with_vb=False)
             loss = losses["loss"].mean()
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss is {loss.item()} at step {step + 1}: the run diverged and stops here, before the "
+                    f"weights are updated or saved (the checkpoint in {out_dir}, if any, is the last good one). "
+                    "Resume from it with a lower train.lr, a train.grad_clip or more train.warmup_steps")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -323,15 +441,25 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
                 log_count, log_time = 0, time.perf_counter()
             if env.main and cfg.sample_every > 0 and done % cfg.sample_every == 0:
                 save_samples(ema, diffusion, config, out_dir / "samples" / f"step_{done:07d}.png", seed=cfg.seed)
-            if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total_steps):
+            if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total_steps or stop.requested):
+                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    raise TrainingDiverged(
+                        f"the weights hold NaN or infinite values after step {done}: the run diverged and is not "
+                        f"saved (the checkpoint in {out_dir}, if any, is the last good one). Resume from it with a "
+                        "lower train.lr, a train.grad_clip or more train.warmup_steps")
                 if env.main:
                     checkpoints.save(checkpoint_path, model, config, ema=ema, optimizer=optimizer, scaler=scaler,
                                      step=done, extra={"world_size": env.world_size})
                 if env.world_size > 1:
                     dist.barrier()
+            if stop.requested:
+                saved = f"saved step {done} to {checkpoint_path}; continue with --resume" if cfg.save_every > 0 \
+                    else f"stopped after step {done}; nothing saved (train.save_every=0)"
+                raise TrainingInterrupted(f"interrupted: {saved}")
         model.eval()
         return Trained(model, ema)
     finally:
+        guards.close()
         if env.started_here:
             dist.destroy_process_group()
 

@@ -140,7 +140,8 @@ def test_offline_download_names_the_url_and_the_folder(tmp_path, monkeypatch):
 
 def test_official_state_dict_loads_strictly_and_reports_differences(tmp_path):
     # An official file is a plain pickled state dict under guided-diffusion's names.
-    config = tiny_config("unet.num_classes=10", "unet.learn_sigma=true", "unet.use_scale_shift_norm=true")
+    config = tiny_config("unet.num_classes=10", "unet.learn_sigma=true", "unet.use_scale_shift_norm=true",
+                         "diffusion.model_var_type=learned_range", "diffusion.loss_type=hybrid")
     original = minildm.build_model(config)
     torch.save(original.state_dict(), tmp_path / "official.pt")
     model = checkpoints.load_official_file(tmp_path / "official.pt", config)

@@ -17,7 +17,8 @@ def test_to_dict_from_dict_round_trip_through_json():
 def test_override_coerces_to_field_types():
     base = presets.get("ddpm-cifar10")
     cfg = config.override(base, ["unet.channels=64", "train.lr=1e-4", "unet.channel_mult=1,2",
-                                 "unet.use_scale_shift_norm=true", "train.adam_betas=0.9,0.99", "model=mlp"])
+                                 "unet.use_scale_shift_norm=true", "train.adam_betas=0.9,0.99", "model=mlp",
+                                 "data.dataset=toy2d"])
     assert cfg.unet.channels == 64 and isinstance(cfg.unet.channels, int)
     assert cfg.train.lr == 1e-4 and cfg.unet.channel_mult == (1, 2)
     assert cfg.unet.use_scale_shift_norm is True and cfg.train.adam_betas == (0.9, 0.99)

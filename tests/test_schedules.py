@@ -45,7 +45,7 @@ def test_unknown_schedule_names_the_valid_ones():
         schedules.beta_schedule("linear", 10)
     with pytest.raises(ValueError, match="positive integer"):
         schedules.beta_schedule("linear", 0)
-    with pytest.raises(ValueError, match=r"every beta must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"every beta must lie in \(0, 1\)"):
         schedules.alpha_bar([0.1, 0.0])
 
 

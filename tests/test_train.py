@@ -1,6 +1,7 @@
 """The training loop: exact resume, warmup, EMA, deterministic data order, outputs on disk."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -78,6 +79,20 @@ def test_learning_rate_warmup():
     assert train.learning_rate(cfg, 4999) == train.learning_rate(cfg, 10**6) == 2e-4
     cfg.warmup_steps = 0
     assert train.learning_rate(cfg, 0) == 2e-4
+
+
+def test_cosine_learning_rate_falls_from_lr_to_lr_final_after_the_warm_up():
+    cfg = presets.get("ddpm-cifar10").train
+    cfg.lr_schedule, cfg.lr, cfg.lr_final, cfg.warmup_steps, cfg.max_steps = "cosine", 1e-3, 1e-5, 100, 1100
+    assert train.learning_rate(cfg, 49) == pytest.approx(0.5e-3)  # warm-up unchanged
+    assert train.learning_rate(cfg, 100) == pytest.approx(1e-3)
+    assert train.learning_rate(cfg, 600) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)  # half way: the mean
+    assert train.learning_rate(cfg, 350) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)
+    assert train.learning_rate(cfg, 1100) == train.learning_rate(cfg, 5000) == pytest.approx(1e-5)
+    assert train.learning_rate(cfg, 600, total_steps=2100) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)
+    cfg.lr_schedule = "linear"
+    with pytest.raises(ValueError, match="train.lr_schedule='linear'.*'cosine'"):
+        train.learning_rate(cfg, 500)
 
 
 def test_update_ema_is_the_exponential_moving_average():
@@ -248,7 +263,7 @@ def test_mixed_precision_falls_back_to_fp32_on_cpu(tmp_path):
     fp32 = train.train(tiny_unet_config(**{"train.precision": "fp32", "train.save_every": "0"}), max_steps=1,
                        out_dir=tmp_path, verbose=False)
     assert all(torch.equal(x, y) for x, y in zip(fp16.model.parameters(), fp32.model.parameters()))
-    with pytest.raises(ValueError, match="use auto, fp32, bf16 or fp16"):
+    with pytest.raises(ValueError, match="train.precision=.half. is not one of .auto., .fp32., .bf16., .fp16."):
         train.train(tiny_unet_config(**{"train.precision": "half"}), max_steps=1, out_dir=tmp_path, verbose=False)
 
 
