@@ -363,6 +363,25 @@ def heldout_accuracy(evaluator: ShapesEvaluator | None = None, num: int = 2000, 
 # Command line: python -m minildm.metrics {train-evaluator, score}
 
 
+def sample_for_scoring(model, config, num: int, *, batch_size=128, sampler="ddim", steps=50, seed=0):
+    """The samples `python -m minildm.metrics score` scores: (images [num, 3, H, W], labels [num] or None).
+
+    Batch i is drawn with seed `seed + i`; a class-conditional model is asked for class i mod num_classes
+    for sample i (every kind equally often).
+    """
+    from minildm import build_diffusion, train
+
+    diffusion = build_diffusion(config)
+    num_classes = config.unet.num_classes if config.model == "unet" else 0
+    labels = torch.arange(num) % num_classes if num_classes else None
+    samples = []
+    for i in range(math.ceil(num / batch_size)):
+        chunk = slice(i * batch_size, min((i + 1) * batch_size, num))
+        samples.append(train.generate(model, diffusion, config, chunk.stop - chunk.start, sampler=sampler, steps=steps,
+                                      seed=seed + i, y=None if labels is None else labels[chunk]))
+    return torch.cat(samples), labels
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -393,20 +412,13 @@ def main(argv=None) -> int:
         print(f"wrote {save_evaluator(model, args.out, info)}")
         return 0
 
-    from minildm import build_diffusion, checkpoints, train
+    from minildm import checkpoints, train
 
     loaded = checkpoints.load(args.checkpoint)
     model = loaded.ema if loaded.ema is not None else loaded.model
-    diffusion = build_diffusion(loaded.config)
-    num_classes = loaded.config.unet.num_classes if loaded.config.model == "unet" else 0
-    labels = torch.arange(args.num) % num_classes if num_classes else None  # every kind equally often
-    start, samples = time.process_time(), []
-    for i in range(math.ceil(args.num / args.batch_size)):
-        chunk = slice(i * args.batch_size, min((i + 1) * args.batch_size, args.num))
-        samples.append(train.generate(model, diffusion, loaded.config, chunk.stop - chunk.start, sampler=args.sampler,
-                                      steps=args.steps, seed=args.seed + i,
-                                      y=None if labels is None else labels[chunk]))
-    samples = torch.cat(samples)
+    start = time.process_time()
+    samples, labels = sample_for_scoring(model, loaded.config, args.num, batch_size=args.batch_size,
+                                         sampler=args.sampler, steps=args.steps, seed=args.seed)
     report = evaluate_shapes(samples, labels=labels)
     report.update(checkpoint=str(args.checkpoint), step=loaded.step, sampler=args.sampler, steps=args.steps,
                   seed=args.seed, sample_cpu_s=round(time.process_time() - start, 1))

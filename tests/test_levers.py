@@ -32,3 +32,25 @@ def test_quality_recipes_run_at_equal_wall_time(monkeypatch):
     assert 0 <= rows["a"]["confident_fraction"] <= 1
     only_b = levers.run_quality(throughput, minutes=0.05, num_samples=8, recipes=[1])
     assert list(only_b) == ["b"]
+
+
+def test_late_recipes_continue_one_checkpoint_and_only_the_cosine_rows_decay(monkeypatch, tmp_path):
+    from minildm import checkpoints, config, presets, train
+
+    monkeypatch.setattr(levers, "PRESET", "toy-shapes")
+    get = presets.get
+    monkeypatch.setattr(presets, "get", lambda name: config.override(get(name), ["train.warmup_steps=0"]))
+    start = config.override(presets.get("toy-shapes"), ["train.batch_size=8", "train.save_every=3",
+                                                        "train.sample_every=0"])
+    train.train(start, max_steps=3, out_dir=tmp_path / "start", verbose=False)
+    rates = {}
+    real_learning_rate = train.learning_rate
+    monkeypatch.setattr(train, "learning_rate", lambda cfg, step, total=None: rates.setdefault(
+        (cfg.lr_schedule, cfg.lr_decay_steps, step), real_learning_rate(cfg, step, total)))
+    rows = levers.run_late(tmp_path / "start" / train.CHECKPOINT, steps=4, num_samples=8, work_dir=tmp_path / "late",
+                           recipes=[0, 2])
+    assert rows["start_step"] == 3 and list(rows)[1:] == [levers.LATE[0][0], levers.LATE[2][0]]
+    assert rows[levers.LATE[0][0]]["steps"] == "3 -> 7"
+    assert rates[("constant", 4, 6)] == 1e-3  # toy-shapes' lr, unchanged
+    assert rates[("cosine", 4, 3)] == pytest.approx(1e-3) and rates[("cosine", 4, 6)] < 2e-4
+    assert checkpoints.read_metadata(tmp_path / "late" / "late2" / train.CHECKPOINT)["step"] == 7

@@ -12,6 +12,13 @@ Two steps, both on the `ddpm-shapes` preset (32x32 shapes, 1.1M-parameter UNet):
     python -m minildm.experiments.levers throughput --out data/results/levers_throughput.json
     python -m minildm.experiments.levers quality --throughput data/results/levers_throughput.json \\
         --minutes 3 --out data/results/levers_quality.json
+
+3. `late`: the levers late in training, where the first two steps cannot look: from one training
+   checkpoint (the shipped runs' constant-rate step 3,500), continue the same number of steps with each
+   LATE recipe (so equal steps are equal wall time), then score like `python -m minildm.metrics score`.
+
+    python -m minildm.experiments.levers late runs/ddpm-shapes/checkpoint.safetensors --steps 1000 \\
+        --num-samples 256 --out data/results/levers_late.json
 """
 
 from __future__ import annotations
@@ -123,6 +130,45 @@ def run_throughput(seconds: float, rounds: int = 4) -> dict:
     return rows
 
 
+# Late-training recipes: (name, overrides) applied when continuing a constant-rate checkpoint.
+LATE = [
+    ("constant lr 1e-3, Min-SNR-5 (the recipe so far)", []),
+    ("constant lr 1e-3, plain L_simple (Min-SNR off)", ["diffusion.snr_gamma=0"]),
+    ("lr decayed to 0 by a cosine, Min-SNR-5", ["train.lr_schedule=cosine"]),
+    ("lr decayed to 0 by a cosine, plain L_simple", ["train.lr_schedule=cosine", "diffusion.snr_gamma=0"]),
+]
+
+
+def run_late(checkpoint, steps: int, num_samples: int, work_dir, recipes=None) -> dict:
+    """Continue `checkpoint` for `steps` steps with each LATE recipe (cosine over exactly those steps), score."""
+    import shutil
+
+    from minildm import checkpoints, metrics
+
+    start = checkpoints.read_metadata(checkpoint)["step"]
+    results = {"start_step": start}
+    for index, (name, overrides) in enumerate(LATE):
+        if recipes is not None and index not in recipes:
+            continue
+        out = Path(work_dir) / f"late{index}"
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(checkpoint, out / train.CHECKPOINT)
+        config = config_lib.override(presets.get(PRESET), ["train.lr_schedule=constant", *overrides,
+                                                           f"train.lr_decay_steps={steps}", "train.sample_every=0",
+                                                           f"train.save_every={steps}", "train.log_every=0"])
+        losses = []
+        trained = train.train(config, max_steps=start + steps, out_dir=out, verbose=False,
+                              callback=lambda step, loss: losses.append(loss))
+        samples, _ = metrics.sample_for_scoring(trained.ema, config, num_samples)
+        report = metrics.evaluate_shapes(samples)
+        results[name] = {"overrides": overrides, "steps": f"{start} -> {start + steps}",
+                         "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 5),
+                         **{key: report[key] for key in ("confident_fraction", "frechet_distance_to_real",
+                                                         "frechet_distance_floor", "precision", "recall")}}
+        print(name, json.dumps(results[name]), flush=True)
+    return results
+
+
 def run_quality(throughput: dict, minutes: float, num_samples: int, recipes=None) -> dict:
     from minildm import metrics
 
@@ -167,11 +213,23 @@ def main(argv=None) -> dict:
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--recipes", help="comma-separated recipe numbers, 0 = the first of QUALITY (default: all)")
     p.add_argument("--out")
+    p = commands.add_parser("late", help="late-training recipes continued from one checkpoint, scored")
+    p.add_argument("checkpoint", help="a training checkpoint of the preset (with optimizer state)")
+    p.add_argument("--steps", type=int, default=1000, help="steps each recipe continues for")
+    p.add_argument("--num-samples", type=int, default=256)
+    p.add_argument("--recipes", help="comma-separated recipe numbers, 0 = the first of LATE (default: all)")
+    p.add_argument("--work-dir", default="runs/levers-late", help="where the continued runs are written")
+    p.add_argument("--out")
     args = parser.parse_args(argv)
     command = f"python -m minildm.experiments.levers {' '.join(argv) if argv else ''}".strip()
     if args.command == "throughput":
         report = {"experiment": "levers-throughput", "preset": PRESET, "machine": machine_note(2),
                   "rows": run_throughput(args.seconds, args.rounds)}
+    elif args.command == "late":
+        recipes = [int(i) for i in args.recipes.split(",")] if args.recipes else None
+        report = {"experiment": "levers-late", "preset": PRESET, "checkpoint": args.checkpoint,
+                  "continued_steps": args.steps, "num_samples": args.num_samples, "machine": machine_note(1),
+                  "rows": run_late(args.checkpoint, args.steps, args.num_samples, args.work_dir, recipes)}
     else:
         throughput = json.loads(Path(args.throughput).read_text())["rows"]
         recipes = [int(i) for i in args.recipes.split(",")] if args.recipes else None
