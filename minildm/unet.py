@@ -280,6 +280,19 @@ class UNet(nn.Module):
             raise ValueError(f"image side {tuple(x_t.shape[-2:])} is not divisible by {factor}, which this UNet's "
                              f"{len(cfg.channel_mult)} levels need; resize to a multiple of {factor} "
                              f"(unet.image_size={cfg.image_size})")
+        weight = self.input_blocks[0][0].weight
+        if not x_t.is_floating_point():
+            raise ValueError(f"x_t must be a float tensor, got {x_t.dtype}; images go in as floats in [-1, 1] "
+                             "(uint8: x.float() / 127.5 - 1)")
+        if x_t.device != weight.device:
+            raise ValueError(f"x_t is on {x_t.device} but the model is on {weight.device}; move one of them "
+                             f"(x_t.to('{weight.device}') or model.to('{x_t.device}'))")
+        if x_t.dtype != weight.dtype and not _autocast(x_t.device.type):
+            raise ValueError(f"x_t is {x_t.dtype} but the model's weights are {weight.dtype}; convert one of them "
+                             f"(x_t.to({weight.dtype}) or model.to({x_t.dtype})), or run under torch.autocast")
+        if y is not None and (not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool):
+            raise ValueError(f"y must be a tensor of integer class labels (int64), got "
+                             f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
         n = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
@@ -420,3 +433,11 @@ def parameters_per_level(model: UNet) -> dict[int, tuple[int, int]]:
             counts = levels.setdefault(model.config.image_size // 2**level, [0, 0])
             counts[name == "output_blocks"] += count_parameters(block)
     return {side: (down, up) for side, (down, up) in sorted(levels.items(), reverse=True)}
+
+
+def _autocast(device_type: str) -> bool:
+    """Whether torch.autocast is active for `device_type` (the argument exists from torch 2.4 on)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()

@@ -334,3 +334,29 @@ def test_the_evaluator_rejects_images_outside_its_range(images, message):
 
 def test_config_json_of_a_run_is_valid(saved):
     config.validate(config.from_dict(json.loads((saved.parent / "config.json").read_text())))
+
+
+# ---------------------------------------------------------------------------------------------
+# The UNet names the argument whose dtype or device is wrong
+
+
+@pytest.fixture(scope="module")
+def small_unet():
+    import minildm
+
+    cfg = config.override(presets.get("toy-shapes"), ["unet.num_classes=3", "unet.channel_mult=1,2",
+                                                      "unet.attention_resolutions=8"])
+    return minildm.build_model(cfg)
+
+
+@pytest.mark.parametrize("x, y, message", [
+    (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.tensor([0, 1]), "x_t must be a float tensor, got torch.uint8"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1]),
+     r"x_t is torch.float64 but the model's weights are torch.float32"),
+    (torch.zeros(2, 3, 16, 16), torch.tensor([0.0, 1.0]), r"y must be a tensor of integer class labels \(int64\), got "
+                                                           "torch.float32"),
+    (torch.zeros(2, 3, 16, 16, device="meta"), torch.tensor([0, 1]), "x_t is on meta but the model is on cpu"),
+])
+def test_the_unet_names_a_wrong_dtype_or_device(small_unet, x, y, message):
+    with pytest.raises(ValueError, match=message):
+        small_unet(x, torch.tensor([1, 2]), y=y)
