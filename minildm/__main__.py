@@ -220,7 +220,8 @@ def _sample(args) -> int:
     if args.label is not None:
         classes = config.unet.num_classes if config.model == "unet" else 0
         if classes == 0:
-            raise ValueError(f"--class {args.label}: this model is unconditional (unet.num_classes=0); leave --class out")
+            raise ValueError(f"--class {args.label}: this model is unconditional (unet.num_classes=0); "
+                             "leave --class out")
         if not 0 <= args.label < classes:
             raise ValueError(f"--class {args.label}: this model has classes 0 .. {classes - 1}")
         y = [args.label] * args.num

@@ -240,7 +240,8 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
         m = config.mlp
         for name in ("data_dim", "hidden", "num_layers", "time_dim"):
             count(f"mlp.{name}", getattr(m, name))
-        need(config.data.dataset == "toy2d" or own_data, "data.dataset", config.data.dataset, "must be 'toy2d' with model=mlp")
+        need(config.data.dataset == "toy2d" or own_data, "data.dataset", config.data.dataset,
+             "must be 'toy2d' with model=mlp")
 
     d = config.diffusion
     count("diffusion.num_timesteps", d.num_timesteps)

@@ -111,7 +111,8 @@ def test_conv_resample_off_is_rejected_with_a_hint():
 
 def test_main_prints_counts_and_table(capsys):
     benchmark.main(["--preset", "toy-shapes", "--batch", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
-                    "--set", "unet.image_size=8", "data.image_size=8", "unet.channel_mult=1,2", "unet.attention_resolutions=4"])
+                    "--set", "unet.image_size=8", "data.image_size=8", "unet.channel_mult=1,2",
+                    "unet.attention_resolutions=4"])
     out = capsys.readouterr().out
     assert "parameters: minildm" in out and "(equal)" in out
     assert "train step" in out and "DDIM step" in out

@@ -89,7 +89,8 @@ def test_cosine_learning_rate_falls_from_lr_to_lr_final_after_the_warm_up():
     assert train.learning_rate(cfg, 600) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)  # half way: the mean
     assert train.learning_rate(cfg, 350) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)
     assert train.learning_rate(cfg, 1100) == train.learning_rate(cfg, 5000) == pytest.approx(1e-5)
-    assert train.learning_rate(cfg, 600, total_steps=2100) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)
+    quarter = 1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2  # a quarter of the way through the cosine
+    assert train.learning_rate(cfg, 600, total_steps=2100) == pytest.approx(quarter)
     cfg.lr_schedule = "linear"
     with pytest.raises(ValueError, match="train.lr_schedule='linear'.*'cosine'"):
         train.learning_rate(cfg, 500)
