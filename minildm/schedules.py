@@ -153,7 +153,11 @@ def ldm_ddim_timesteps(num_timesteps: int, num_steps: int, method: str = "unifor
 
 def _check_timesteps(timesteps: Sequence[int], num_timesteps: int) -> np.ndarray:
     """Validated, sorted int64 array of unique timesteps in [0, num_timesteps)."""
-    kept = np.asarray(list(timesteps), dtype=np.int64)
+    given = np.asarray(timesteps if hasattr(timesteps, "__array__") else list(timesteps))
+    if given.size and given.dtype.kind not in "iu":  # 10.7 would silently become step 10
+        raise ValueError(f"timesteps must be integers, got dtype {given.dtype} (e.g. {given.flat[0]!r}); "
+                         "round them yourself or use schedules.space_timesteps")
+    kept = given.astype(np.int64)
     if kept.ndim != 1 or kept.size == 0:
         raise ValueError("timesteps must be a non-empty list of ints, e.g. schedules.space_timesteps(T, '250')")
     if kept.min() < 0 or kept.max() >= num_timesteps:

@@ -360,3 +360,13 @@ def small_unet():
 def test_the_unet_names_a_wrong_dtype_or_device(small_unet, x, y, message):
     with pytest.raises(ValueError, match=message):
         small_unet(x, torch.tensor([1, 2]), y=y)
+
+
+@pytest.mark.parametrize("timesteps", [[0.5, 10.7, 100.2], torch.tensor([0.0, 10.0, 100.0])])
+def test_samplers_refuse_fractional_timesteps_instead_of_truncating_them(timesteps):
+    import minildm
+    from minildm import sampling
+
+    cfg = presets.get("toy-2d")
+    with pytest.raises(ValueError, match="timesteps must be integers, got dtype float"):
+        sampling.ddim_sample(minildm.build_model(cfg), minildm.build_diffusion(cfg), (4, 2), timesteps)
