@@ -69,6 +69,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read, or whose weights do not fit the model."""
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """Weights that hold NaN or infinite values: from a run that diverged; never written, never loaded."""
+
+
 class Loaded(NamedTuple):
     """What `load` returns: the rebuilt network (eval mode), its config, the EMA copy (or None), step, metadata."""
 
@@ -96,11 +100,11 @@ def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, 
     tensors = {f"model.{k}": v for k, v in _unwrap(model).state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in _unwrap(ema).state_dict().items()})
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = _nonfinite(tensors)
     if bad:
-        raise CheckpointError(f"not writing {path}: {len(bad)} tensors hold NaN or infinite values (first: "
-                              f"{bad[0]}); the run diverged. The previous checkpoint, if any, is kept: resume "
-                              "from it with a lower train.lr or a train.grad_clip")
+        raise NonFiniteWeightsError(f"not writing {path}: {len(bad)} tensors hold NaN or infinite values (first: "
+                                    f"{bad[0]}); the run diverged. The previous checkpoint, if any, is kept: resume "
+                                    "from it with a lower train.lr, a train.grad_clip or more train.warmup_steps")
     metadata = {
         "format": FORMAT,
         "minildm_version": minildm.__version__,
@@ -142,9 +146,14 @@ def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, 
     return path
 
 
+def _nonfinite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def _crc32(tensor) -> int:
-    """CRC-32 of a contiguous CPU tensor's bytes (any dtype, any shape)."""
-    return zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()) if tensor.numel() else 0
+    """CRC-32 of a contiguous CPU tensor's bytes (any dtype, any shape), read in place."""
+    return zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else 0
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -287,9 +296,9 @@ def load_weights(model, state_dict, *, source="checkpoint") -> None:
         lines.append("Build the model from the config the weights were trained with "
                      "(checkpoints.load does this from the stored config).")
         raise CheckpointError("\n".join(lines))
-    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    broken = _nonfinite(state_dict)
     if broken:
-        raise CheckpointError(f"the weights in {source} hold NaN or infinite values ({len(broken)} tensors, first: "
+        raise NonFiniteWeightsError(f"the weights in {source} hold NaN or infinite values ({len(broken)} tensors, first: "
                               f"{broken[0]}): they come from a run that diverged. Use an earlier checkpoint")
     model.load_state_dict(state_dict, strict=True)
 

@@ -246,7 +246,6 @@ def evaluator_info(path=None) -> dict:
 # Scoring images
 
 
-@torch.no_grad()
 def check_images(images, name: str = "images") -> None:
     """Raise a ValueError unless `images` is a float tensor [N, 3, H, W] with values in [-1, 1].
 
@@ -268,6 +267,7 @@ def check_images(images, name: str = "images") -> None:
             raise ValueError(f"{name} span [{low:.3g}, {high:.3g}] but must be in [-1, 1]; convert with {hint}")
 
 
+@torch.no_grad()
 def classify(images: torch.Tensor, evaluator: ShapesEvaluator | None = None, batch_size: int = 500) -> dict:
     """Run the evaluator on images [N, 3, H, W] in [-1, 1] (resized to 32x32 if needed).
 

@@ -350,9 +350,6 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
         dataset = data.build_dataset(config.data, train=True) if dataset is None else data.as_dataset(dataset)
         conditional = config.model == "unet" and config.unet.num_classes > 0
         check_examples(config, *dataset[0], conditional=conditional)
-        if cfg.cond_dropout > 0 and not (conditional and config.unet.null_class):
-            raise ValueError(f"train.cond_dropout={cfg.cond_dropout} replaces labels by the null class: it needs a "
-                             "class-conditional UNet with unet.null_class=true (or set train.cond_dropout=0)")
         dataset_classes = getattr(dataset, "num_classes", None)
         if conditional and dataset_classes is not None and dataset_classes > config.unet.num_classes:
             raise ValueError(f"the dataset has {dataset_classes} classes but unet.num_classes="
@@ -442,14 +439,12 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
             if env.main and cfg.sample_every > 0 and done % cfg.sample_every == 0:
                 save_samples(ema, diffusion, config, out_dir / "samples" / f"step_{done:07d}.png", seed=cfg.seed)
             if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total_steps or stop.requested):
-                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                    raise TrainingDiverged(
-                        f"the weights hold NaN or infinite values after step {done}: the run diverged and is not "
-                        f"saved (the checkpoint in {out_dir}, if any, is the last good one). Resume from it with a "
-                        "lower train.lr, a train.grad_clip or more train.warmup_steps")
                 if env.main:
-                    checkpoints.save(checkpoint_path, model, config, ema=ema, optimizer=optimizer, scaler=scaler,
-                                     step=done, extra={"world_size": env.world_size})
+                    try:  # save refuses non-finite weights: the last good checkpoint stays
+                        checkpoints.save(checkpoint_path, model, config, ema=ema, optimizer=optimizer,
+                                         scaler=scaler, step=done, extra={"world_size": env.world_size})
+                    except checkpoints.NonFiniteWeightsError as error:
+                        raise TrainingDiverged(f"after step {done}: {error}") from None
                 if env.world_size > 1:
                     dist.barrier()
             if stop.requested:
