@@ -8,7 +8,9 @@
 One step (DDPM Algorithm 1, with the usual engineering):
     x0, y   <- batch `step` of a shuffle fixed by (seed, step)       deterministic data order
     t, noise <- drawn from a generator seeded by (seed, step)        t ~ U{0..T-1}, noise ~ N(0, I)
-    loss    <- diffusion.training_losses(model, x0, t, noise).mean() L_simple / L_hybrid / L_vlb
+    loss    <- objective(model, x0, y, t, noise).mean()              what the model learns:
+               `diffusion_objective`: diffusion.training_losses      L_simple / L_hybrid / L_vlb
+               `noisy_classifier_objective`: CE(classifier(x_t, t), y)  ADM's noise-aware classifier
     AdamW step with linear warmup (then constant or cosine), gradient-norm clipping, mixed precision on CUDA
     ema     <- d * ema + (1 - d) * model, d = min(decay, (1+k)/(10+k))  the weights that are sampled
 
@@ -44,6 +46,44 @@ from minildm import config as config_lib
 from minildm.progress import progress
 
 CHECKPOINT = "checkpoint.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives: what one step minimises. objective(model, x0, y, t, noise) -> per-example losses [N];
+# model(x, t, **kwargs) is the network (autocast applied), x0 [N, ...], y int64 [N] or None, t int64 [N],
+# noise like x0.
+
+
+def diffusion_objective(diffusion):
+    """The denoiser's loss, `diffusion.training_losses(...)["loss"]` (L_simple / L_hybrid / L_vlb), [N].
+
+    y (if given) reaches the model as model_kwargs {"y": y}. The bound term is skipped when the loss
+    does not use it (with_vb=False: a third of a small UNet's step on a CPU).
+    """
+    def objective(model, x0, y, t, noise):
+        model_kwargs = None if y is None else {"y": y}
+        return diffusion.training_losses(model, x0, t, noise=noise, model_kwargs=model_kwargs, with_vb=False)["loss"]
+
+    return objective
+
+
+def noisy_classifier_objective(diffusion):
+    """ADM's classifier loss (scripts/classifier_train.py, `noised=True`): -log p_phi(y | x_t, t), [N].
+
+    x_t = q_sample(x0, t, noise) at the step's uniformly drawn t, so the classifier learns every noise
+    level that guidance will ask it about.
+    """
+    def objective(model, x0, y, t, noise):
+        if y is None:
+            raise ValueError("the noise-aware classifier trains on labelled data: give (image, label) examples")
+        return torch.nn.functional.cross_entropy(model(diffusion.q_sample(x0, t, noise), t), y, reduction="none")
+
+    return objective
+
+
+def default_objective(config, diffusion):
+    """The objective of `config.model`: the noisy-classifier loss for "classifier", else the diffusion loss."""
+    return noisy_classifier_objective(diffusion) if config.model == "classifier" else diffusion_objective(diffusion)
 
 
 class Trained(NamedTuple):
@@ -283,8 +323,12 @@ class StopOnSigint:
 
 
 def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, out_dir=None, device=None,
-          verbose=True) -> Trained:
+          verbose=True, objective=None) -> Trained:
     """Train `config`'s model on its data (or on `dataset`); returns `Trained(model, ema)`.
+
+    objective: what a step minimises, objective(model, x0, y, t, noise) -> losses [N] (see the objectives
+    above); default `default_objective(config, diffusion)`: a denoiser's diffusion loss, or the noisy
+    cross-entropy of a classifier (`config.model == "classifier"`, ADM's recipe).
 
     dataset: your own data instead of config.data's: a tensor of images [N, C, H, W] in [-1, 1], an
     (images, labels) pair, or any map-style dataset whose items are an image, (image, label) or
@@ -348,12 +392,14 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
             (out_dir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
 
         dataset = data.build_dataset(config.data, train=True) if dataset is None else data.as_dataset(dataset)
-        conditional = config.model == "unet" and config.unet.num_classes > 0
+        classes, classes_key = _label_count(config)
+        conditional = classes > 0
         check_examples(config, *dataset[0], conditional=conditional)
         dataset_classes = getattr(dataset, "num_classes", None)
-        if conditional and dataset_classes is not None and dataset_classes > config.unet.num_classes:
-            raise ValueError(f"the dataset has {dataset_classes} classes but unet.num_classes="
-                             f"{config.unet.num_classes}; set unet.num_classes={dataset_classes}")
+        if conditional and dataset_classes is not None and dataset_classes > classes:
+            raise ValueError(f"the dataset has {dataset_classes} classes but {classes_key}={classes}; "
+                             f"set {classes_key}={dataset_classes}")
+        objective = default_objective(config, diffusion) if objective is None else objective
         sampler = StepBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=step, rank=env.rank,
                               world_size=env.world_size)
         # A private generator: creating the loader draws nothing from the global RNG.
@@ -366,7 +412,7 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
             if env.world_size > 1 else model
         forward = torch.compile(ddp_model) if cfg.compile else ddp_model
 
-        def denoiser(x_t, t, **kwargs):
+        def network(x_t, t, **kwargs):
             # Mixed precision covers the network only; the loss is computed in float32.
             with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
                 return forward(x_t, t, **kwargs).float()
@@ -391,19 +437,17 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
             t = t[env.rank::env.world_size].to(device)
             noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=noise_generator, device=device)
             noise = noise[env.rank::env.world_size]
-            model_kwargs = None
             if conditional:
                 if cfg.cond_dropout > 0:  # classifier-free guidance: some labels become the null class
                     drop = torch.rand(cfg.batch_size, generator=t_generator)[env.rank::env.world_size]
                     y = torch.where(drop < cfg.cond_dropout, config.unet.num_classes, y)
-                model_kwargs = {"y": y.to(device)}
+                y = y.to(device)
+            else:
+                y = None
 
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, total_steps)
-            # L_simple needs no bound term: skip it (with_vb=False); L_hybrid / L_vlb compute it anyway.
-            losses = diffusion.training_losses(denoiser, x0, t, noise=noise, model_kwargs=model_kwargs,
-                                               with_vb=False)
-            loss = losses["loss"].mean()
+            loss = objective(network, x0, y, t, noise).mean()
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"the loss is {loss.item()} at step {step + 1}: the run diverged and stops here, before the "
@@ -459,27 +503,37 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
             dist.destroy_process_group()
 
 
+def _label_count(config) -> tuple[int, str]:
+    """(number of classes the model takes as labels, the config key that sets it); 0 for unlabelled models."""
+    if config.model == "unet":
+        return config.unet.num_classes, "unet.num_classes"
+    if config.model == "classifier":
+        return config.classifier.out_channels, "classifier.out_channels"
+    return 0, ""
+
+
 def check_examples(config, example: torch.Tensor, label=None, *, conditional: bool = False) -> None:
     """Reject data the model cannot train on, with what to change: shape, range [-1, 1], labels."""
-    if config.model == "unet":
-        unet = config.unet
-        expected = (unet.in_channels, unet.image_size, unet.image_size)
-        what = f"unet.in_channels={unet.in_channels}, unet.image_size={unet.image_size}"
+    if config.model in ("unet", "classifier"):
+        net = getattr(config, config.model)
+        expected = (net.in_channels, net.image_size, net.image_size)
+        what = f"{config.model}.in_channels={net.in_channels}, {config.model}.image_size={net.image_size}"
     else:
         expected, what = (config.mlp.data_dim,), f"mlp.data_dim={config.mlp.data_dim}"
     if tuple(example.shape) != expected:
         raise ValueError(f"examples have shape {list(example.shape)} but the model expects {list(expected)} "
                          f"({what}); resize the data or set those config values")
     low, high = example.min().item(), example.max().item()
-    if config.model == "unet" and (low < -1.001 or high > 1.001):
+    if config.model != "mlp" and (low < -1.001 or high > 1.001):
         hint = " (looks like [0, 255]: use x / 127.5 - 1)" if high > 2 else " (for [0, 1] data use 2 x - 1)"
         raise ValueError(f"images must be in [-1, 1]; the first example spans [{low:.3g}, {high:.3g}]{hint}")
     if conditional:
+        classes, key = _label_count(config)
         label = int(label) if label is not None else -1
-        if not 0 <= label < config.unet.num_classes:
-            raise ValueError(f"the model is class-conditional (unet.num_classes={config.unet.num_classes}) but "
-                             f"the first example's label is {label}; give labels in [0, num_classes) or set "
-                             "unet.num_classes=0")
+        if not 0 <= label < classes:
+            undo = "or set unet.num_classes=0" if config.model == "unet" else "(a classifier needs labelled data)"
+            raise ValueError(f"the model takes labels ({key}={classes}) but the first example's label is {label}; "
+                             f"give labels in [0, {classes}) {undo}")
 
 
 def _note_config_changes(saved: dict, config) -> None:
