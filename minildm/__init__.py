@@ -14,7 +14,8 @@ from minildm import config, presets  # noqa: E402
 
 
 def build_model(config, device=None):
-    """Build the denoiser of a `Config` (UNet or toy MLP); `device="meta"` builds without memory."""
+    """Build the main network of a `Config` (UNet, toy MLP or noise-aware classifier, by `config.model`);
+    `device="meta"` builds without memory."""
     import contextlib
 
     import torch
@@ -28,7 +29,11 @@ def build_model(config, device=None):
             from minildm.mlp import MLPDenoiser
 
             return MLPDenoiser(config.mlp)
-    raise ValueError(f"unknown model {config.model!r}; set model=unet or model=mlp")
+        if config.model == "classifier":
+            from minildm.classifier import Classifier
+
+            return Classifier(config.classifier)
+    raise ValueError(f"unknown model {config.model!r}; set model=unet, model=mlp or model=classifier")
 
 
 def build_diffusion(config):

@@ -49,6 +49,36 @@ class UNetConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """ADM's noise-aware classifier p(y | x_t, t) (guided-diffusion's `EncoderUNetModel`, minildm.classifier).
+
+    The UNet's down half and middle block, then a head chosen by `pool`: "attention" (ADM), "adaptive",
+    "spatial" or "spatial_v2". `out_channels` is the number of classes, `num_res_blocks` ADM's classifier
+    "depth", `attention_resolutions` feature-map sides (16 means 16×16). Defaults: guided-diffusion's
+    `classifier_defaults` at 64×64 (width 128, depth 2, attention 32,16,8, 64 channels per head).
+    """
+
+    image_size: int = 64
+    in_channels: int = 3
+    out_channels: int = 1000  # number of classes
+    channels: int = 128
+    channel_mult: tuple[float, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (32, 16, 8)
+    dropout: float = 0.0
+    num_heads: int = 1
+    num_head_channels: int = 64  # > 0 overrides num_heads; the attention pool needs it > 0
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    use_new_attention_order: bool = False  # of the attention blocks; the attention pool always uses the new order
+    conv_resample: bool = True  # strided-conv downsampling when resblock_updown is off (else 2x2 average pool)
+    pool: str = "attention"  # attention | adaptive | spatial | spatial_v2
+    use_checkpoint: bool = False
+    norm_groups: int = 32
+    time_scale: float = 1.0  # the network embeds t * time_scale, as the UNet
+
+
+@dataclass
 class MLPConfig:
     """A small residual MLP denoiser for 2-D toy data."""
 
@@ -137,9 +167,10 @@ class SampleConfig:
 class Config:
     """The whole run: which network (`model`), its settings, the process, data, training, sampling."""
 
-    model: str = "unet"  # unet | mlp
+    model: str = "unet"  # unet | mlp | classifier
     unet: UNetConfig = field(default_factory=UNetConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -166,6 +197,9 @@ def from_dict(data: dict, cls=Config):
         else:
             kwargs[name] = _coerce(value, hint, name)
     return cls(**kwargs)
+
+
+MODELS = ("unet", "mlp", "classifier")  # what `Config.model` may name (`minildm.build_model` builds it)
 
 
 class ConfigError(ValueError):
@@ -200,9 +234,9 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
         need(ok, key, value, f"must be a finite number in {interval}" if high is not None
              else f"must be a finite number {'>' if open_low else '>='} {low}")
 
-    from minildm import data, diffusion, schedules  # the lists of valid names live beside their code
+    from minildm import classifier, data, diffusion, schedules  # the lists of valid names live beside their code
 
-    choice("model", config.model, ("unet", "mlp"))
+    choice("model", config.model, MODELS)
     if config.model == "unet":
         u = config.unet
         for name in ("image_size", "in_channels", "out_channels", "channels", "num_heads", "norm_groups"):
@@ -236,6 +270,35 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
                  "trains on); set both")
         need(config.data.dataset != "toy2d" or own_data, "data.dataset", config.data.dataset,
              "holds 2-D points: use model=mlp for it (the UNet needs images)")
+    elif config.model == "classifier":
+        c = config.classifier
+        for name in ("image_size", "in_channels", "out_channels", "channels", "num_res_blocks", "num_heads",
+                     "norm_groups"):
+            count(f"classifier.{name}", getattr(c, name))
+        need(len(c.channel_mult) > 0 and all(m > 0 for m in c.channel_mult), "classifier.channel_mult",
+             c.channel_mult, "must be one or more positive multipliers, e.g. 1,2,3,4")
+        need(all(isinstance(r, int) and r > 0 for r in c.attention_resolutions), "classifier.attention_resolutions",
+             c.attention_resolutions, "must be feature-map sides (positive integers), e.g. 32,16,8")
+        number("classifier.dropout", c.dropout, 0, 1, open_high=True)
+        choice("classifier.pool", c.pool, classifier.POOLS)
+        need(c.num_head_channels == -1 or c.num_head_channels > 0, "classifier.num_head_channels",
+             c.num_head_channels, "must be -1 (use num_heads) or a positive channel count")
+        need(c.pool != "attention" or c.num_head_channels > 0, "classifier.num_head_channels", c.num_head_channels,
+             "must be > 0 with classifier.pool='attention' (its heads are channels // num_head_channels)")
+        number("classifier.time_scale", c.time_scale, 0, open_low=True)
+        if c.channels > 0 and c.norm_groups > 0:
+            widths = sorted({c.channels} | {int(c.channels * m) for m in c.channel_mult if m > 0})
+            if c.pool == "spatial_v2":
+                widths.append(classifier.SPATIAL_WIDTH)  # its head normalises the 2048 hidden features
+            bad = [w for w in widths if w % c.norm_groups]
+            need(not bad, "classifier.norm_groups", c.norm_groups, f"must divide every level's width {widths} "
+                                                                     f"(it does not divide {bad})")
+        if config.data.dataset != "toy2d" and not own_data:
+            need(c.image_size == config.data.image_size, "classifier.image_size", c.image_size,
+                 f"must equal data.image_size={config.data.image_size} (the classifier sees the images it "
+                 "trains on); set both")
+        need(config.data.dataset != "toy2d" or own_data, "data.dataset", config.data.dataset,
+             "holds 2-D points: the classifier needs images")
     else:
         m = config.mlp
         for name in ("data_dim", "hidden", "num_layers", "time_dim"):

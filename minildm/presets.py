@@ -17,7 +17,8 @@ import copy
 from dataclasses import dataclass
 
 from minildm import config as config_lib
-from minildm.config import Config, DataConfig, DiffusionConfig, MLPConfig, SampleConfig, TrainConfig, UNetConfig
+from minildm.config import (ClassifierConfig, Config, DataConfig, DiffusionConfig, MLPConfig, SampleConfig,
+                            TrainConfig, UNetConfig)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,25 @@ register(Preset(
 _COND = _REGISTRY["ddpm-shapes-cond"].config
 _COND.unet.num_classes, _COND.unet.null_class = 5, True
 _COND.train.cond_dropout, _COND.train.out_dir = 0.1, "runs/ddpm-shapes-cond"
+
+# The noise-aware classifier that guides ddpm-shapes (chapter 04): ADM's classifier in miniature, on the same
+# process, so it learns p(kind | x_t, t) at every noise level the sampler visits.
+register(Preset(
+    name="shapes-classifier",
+    summary="noise-aware classifier of the 5 shape kinds on 32x32 x_t (ddpm-shapes' process): ch 32, mult 1,2,2, "
+            "attention 8x8, attention pool; guides ddpm-shapes (chapter 04)",
+    config=Config(
+        model="classifier",
+        classifier=ClassifierConfig(image_size=32, out_channels=5, channels=32, channel_mult=(1, 2, 2),
+                                    num_res_blocks=1, attention_resolutions=(8,), dropout=0.0, num_head_channels=32,
+                                    norm_groups=8, use_scale_shift_norm=True, resblock_updown=True,
+                                    pool="attention"),
+        diffusion=copy.deepcopy(_SHAPES_DIFFUSION),
+        data=DataConfig(dataset="shapes", image_size=32),
+        train=TrainConfig(batch_size=64, lr=3e-4, weight_decay=0.05, warmup_steps=100, max_steps=3000,
+                          ema_decay=0.999, sample_every=0, save_every=500, out_dir="runs/shapes-classifier"),
+    ),
+))
 
 # ---------------------------------------------------------------------------------------------
 # DDPM, Ho et al. 2020 (hojonathanho/diffusion): Adam (= AdamW with weight decay 0),
@@ -347,3 +367,51 @@ _adm("adm-upsampler-128-512", "ADM-U 128->512 upsampler: ch 192, 64 ch/head, att
      dict(image_size=512, channels=192, channel_mult=(1, 1, 2, 2, 4, 4), num_head_channels=64,
           attention_resolutions=(32, 16), dropout=0.0, num_classes=1000, super_res=True),
      dict(batch_size=256, lr=1e-4, max_steps=1_050_000))
+
+# ---------------------------------------------------------------------------------------------
+# ADM's noise-aware classifiers (Dhariwal & Nichol 2021, Tab. 12; guided-diffusion README, create_classifier):
+# width 128, attention at 32,16,8 (feature-map sides, as the README's --classifier_attention_resolutions),
+# 64 channels per head, BigGAN down blocks, AdaGN, attention pooling, 1000 classes. Trained by
+# scripts/classifier_train.py: AdamW, no EMA (ema_decay 0: the EMA copy is the model), no gradient clipping,
+# on x_t = q_sample(x0, t) with uniform t. Its --anneal_lr (linear decay to 0) has no equivalent in
+# TrainConfig; lr is kept constant. Only the schedule of the diffusion section matters (it makes x_t).
+
+
+def _adm_classifier(image_size, params, channel_mult, depth, schedule, result, train):
+    return register(Preset(
+        name=f"adm-classifier{image_size}",
+        summary=f"ADM noise-aware ImageNet {image_size} classifier: width 128, depth {depth}, "
+                f"mult {','.join(f'{m:g}' for m in channel_mult)}, attention 32,16,8, attention pool",
+        source="Dhariwal & Nichol 2021, Tab. 12; guided-diffusion README (classifier flags), create_classifier",
+        params=params,
+        result=result,
+        checkpoint=f"{image_size}x{image_size}_classifier.pt",
+        config=Config(
+            model="classifier",
+            classifier=ClassifierConfig(image_size=image_size, channels=128, channel_mult=channel_mult,
+                                        num_res_blocks=depth, attention_resolutions=(32, 16, 8), num_head_channels=64,
+                                        use_scale_shift_norm=True, resblock_updown=True, pool="attention",
+                                        out_channels=1000),
+            diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule=schedule),
+            data=DataConfig(dataset="imagefolder", image_size=image_size, random_flip=True),
+            train=TrainConfig(warmup_steps=0, ema_decay=0.0, grad_clip=0.0,
+                              out_dir=f"runs/adm-classifier{image_size}", **train),
+        ),
+    ))
+
+
+# Tab. 12: weight decay 0.2 | 0.05 | 0.05 | 0.05, batch 1024 | 256 | 256 | 256, iterations 300K | 300K | 500K |
+# 500K, lr 6e-4 | 3e-4 | 3e-4 | 3e-4 (the README's 128x128 training flags agree: bs 256, lr 3e-4, wd 0.05, 300K).
+_adm_classifier(64, 65_438_568, (1, 2, 3, 4), 4, "cosine",
+                "guides adm-imagenet64 at scale 1.0 (README, Tab. 14); the paper's best 64x64 FID, 2.07, is unguided",
+                dict(batch_size=1024, lr=6e-4, weight_decay=0.2, max_steps=300_000))
+_adm_classifier(128, 42_568_040, (1, 1, 2, 3, 4), 2, "linear",
+                "ADM-G 128: FID 2.97 with adm-imagenet128 at scale 0.5, 250 steps; 5.98 in 25 DDIM steps (Tab. 5, 14)",
+                dict(batch_size=256, lr=3e-4, weight_decay=0.05, max_steps=300_000))
+_adm_classifier(256, 54_096_360, (1, 1, 2, 2, 4, 4), 2, "linear",
+                "ADM-G 256: FID 4.59 with adm-imagenet256 at scale 1.0; the unconditional model at scale 10: 12.00 "
+                "(Tab. 4)",
+                dict(batch_size=256, lr=3e-4, weight_decay=0.05, max_steps=500_000))
+_adm_classifier(512, 54_448_360, (0.5, 1, 1, 2, 2, 4, 4), 2, "linear",
+                "ADM-G 512: FID 7.72 with adm-imagenet512 at scale 4.0, 250 steps; 8.41 in 25 DDIM steps (Tab. 5, 14)",
+                dict(batch_size=256, lr=3e-4, weight_decay=0.05, max_steps=500_000))

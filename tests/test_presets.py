@@ -11,7 +11,9 @@ def test_names_and_unknown_preset():
     for expected in ("toy-2d", "toy-shapes", "ddpm-shapes", "ddpm-cifar10", "ddpm-celebahq256", "iddpm-cifar10",
                      "iddpm-imagenet64", "iddpm-imagenet64-cond", "adm-imagenet64", "adm-imagenet128",
                      "adm-imagenet256", "adm-imagenet256-uncond", "adm-imagenet512", "adm-lsun-bedroom",
-                     "adm-lsun-cat", "adm-lsun-horse", "adm-upsampler-64-256", "adm-upsampler-128-512"):
+                     "adm-lsun-cat", "adm-lsun-horse", "adm-upsampler-64-256", "adm-upsampler-128-512",
+                     "shapes-classifier", "adm-classifier64", "adm-classifier128", "adm-classifier256",
+                     "adm-classifier512"):
         assert expected in names
     with pytest.raises(KeyError, match="unknown preset 'ddpm-cifar100'; available presets: toy-2d"):
         presets.get("ddpm-cifar100")
@@ -55,3 +57,12 @@ def test_iddpm_timestep_rescaling_follows_the_readme_flags():
     cond = presets.get("iddpm-imagenet64-cond")
     assert cond.unet.time_scale == 1.0 and cond.diffusion.hybrid_lambda * cond.diffusion.num_timesteps == 1.0
     assert presets.get("adm-imagenet64").unet.time_scale == 1.0
+
+
+def test_classifier_presets_build_the_classifier_section():
+    for name in ("shapes-classifier", "adm-classifier64", "adm-classifier512"):
+        config = presets.get(name)
+        assert config.model == "classifier"
+        assert config.classifier.image_size == config.data.image_size
+    assert presets.get("adm-classifier64").classifier.num_res_blocks == 4  # README: --classifier_depth 4 at 64x64
+    assert presets.get("shapes-classifier").classifier.out_channels == 5  # data.ShapesDataset's kinds

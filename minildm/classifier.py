@@ -1,0 +1,231 @@
+"""ADM's noise-aware classifier p(y | x_t, t): the UNet's down half and middle, then a pooling head.
+
+`Classifier(ClassifierConfig)` follows guided-diffusion's `EncoderUNetModel` (openai/guided-diffusion, unet.py),
+with its state_dict names, so the released classifiers (64x64_classifier.pt ... 512x512_classifier.pt) load
+with `strict=True`. It is built from the UNet's own blocks (minildm.unet, minildm.attention):
+
+    time_embed        sinusoidal t-embedding -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C)          [N, 4C]
+    input_blocks      exactly the UNet's: [conv_in] then per level num_res_blocks x (ResBlock
+                      [+ AttentionBlock]) and a downsampler except at the last level
+    middle_block      ResBlock, AttentionBlock, ResBlock                                      [N, C', s, s]
+    out               the head, chosen by `pool`:
+      "attention"     GN, SiLU, AttentionPool2d: CLIP-style attention of one query (the spatial mean,
+                      plus a learned positional embedding) over the s*s pixels            (ADM's classifiers)
+      "adaptive"      GN, SiLU, global average pool, zero-initialised 1x1 conv, Flatten
+      "spatial"       the spatial mean of every input block's and the middle block's output, concatenated
+                      [N, F], then Linear(F, 2048), ReLU, Linear(2048, classes)
+      "spatial_v2"    as "spatial" with Linear(F, 2048), GroupNorm, SiLU, Linear(2048, classes)
+
+forward(x_t [N, C, H, W], t int64 [N]) -> logits [N, out_channels]. Classifier guidance (ADM Sec. 4,
+Alg. 1-2) differentiates log softmax(logits)[y] with respect to x_t.
+
+Convention: `attention_resolutions` are feature-map sides (16 means 16x16), as in the UNet;
+guided-diffusion's constructor takes downsample factors, and `config_from_original` converts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minildm.attention import AttentionBlock, num_heads_for, qkv_attention
+from minildm.config import ClassifierConfig
+from minildm.layers import normalization, timestep_embedding_adm, zero_module
+from minildm.unet import Downsample, ResBlock, TimestepEmbedSequential, _autocast, convert_official_state_dict
+
+POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
+SPATIAL_WIDTH = 2048  # hidden width of the "spatial" heads, fixed in guided-diffusion
+
+# Our names are guided-diffusion's, so the UNet's converter (the identity on names, strips a prefix) serves
+# the classifier too; re-exported so `classifier.convert_official_state_dict` reads like `unet.`'s.
+__all__ = ["POOLS", "AttentionPool2d", "Classifier", "config_from_original", "convert_official_state_dict"]
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's attention pooling (guided-diffusion `AttentionPool2d`): [N, C, s, s] -> [N, out_channels].
+
+    The tokens are the spatial mean followed by the s*s pixels, plus `positional_embedding` [C, s*s + 1];
+    one multi-head attention (heads = C // num_head_channels, q/k/v channels in the new [q | k | v] order,
+    whatever the rest of the network uses), `c_proj`, and the mean token's output is the result.
+    """
+
+    def __init__(self, side: int, channels: int, num_head_channels: int, out_channels: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(channels, side**2 + 1) / channels**0.5)
+        self.qkv_proj = nn.Conv1d(channels, 3 * channels, 1)
+        self.c_proj = nn.Conv1d(channels, out_channels, 1)
+        self.num_heads = num_heads_for(channels, num_head_channels=num_head_channels)
+        self.side = side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, *_ = x.shape
+        x = x.reshape(n, c, -1)  # [N, C, s*s]
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)  # [N, C, s*s + 1], token 0 = the mean
+        x = x + self.positional_embedding[None].to(x.dtype)
+        h = qkv_attention(self.qkv_proj(x), self.num_heads, new_order=True)  # [N, C, s*s + 1]
+        return self.c_proj(h)[:, :, 0]
+
+    def extra_repr(self) -> str:
+        return f"side={self.side}, heads={self.num_heads}"
+
+
+class Classifier(nn.Module):
+    """ADM noise-aware classifier: classifier(x_t, t) -> logits [N, out_channels]; layout in the module doc.
+
+    x_t: [N, in_channels, H, W] noisy images (H = W = image_size for pool="attention", whose positional
+    embedding fixes the side; any side divisible by 2^(levels-1) otherwise); t: int64 [N] or a scalar.
+    """
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        base, emb_dim = config.channels, 4 * config.channels
+        attention = dict(num_heads=config.num_heads, num_head_channels=config.num_head_channels,
+                         use_new_attention_order=config.use_new_attention_order,
+                         use_checkpoint=config.use_checkpoint, norm_groups=config.norm_groups)
+        resblock = dict(emb_channels=emb_dim, dropout=config.dropout, use_checkpoint=config.use_checkpoint,
+                        use_scale_shift_norm=config.use_scale_shift_norm, norm_groups=config.norm_groups)
+
+        self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        # Down path, block for block the UNet's. `widths` collects each block's output width: the
+        # "spatial" heads read the spatial mean of all of them.
+        ch, side = int(config.channel_mult[0] * base), config.image_size
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, ch, 3, padding=1))])
+        widths = [ch]
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                layers = [ResBlock(ch, out_channels=int(mult * base), **resblock)]
+                ch = int(mult * base)
+                if side in config.attention_resolutions:
+                    layers.append(AttentionBlock(ch, **attention))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                widths.append(ch)
+            if level != len(config.channel_mult) - 1:
+                side //= 2
+                down = (ResBlock(ch, out_channels=ch, down=True, **resblock) if config.resblock_updown
+                        else Downsample(ch, config.conv_resample, out_channels=ch))
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                widths.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, **resblock), AttentionBlock(ch, **attention), ResBlock(ch, **resblock))
+        widths.append(ch)
+
+        classes, groups = config.out_channels, config.norm_groups
+        if config.pool == "attention":
+            self.out = nn.Sequential(normalization(ch, groups), nn.SiLU(),
+                                     AttentionPool2d(side, ch, config.num_head_channels, classes))
+        elif config.pool == "adaptive":
+            self.out = nn.Sequential(normalization(ch, groups), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                                     zero_module(nn.Conv2d(ch, classes, 1)), nn.Flatten())
+        elif config.pool == "spatial":
+            self.out = nn.Sequential(nn.Linear(sum(widths), SPATIAL_WIDTH), nn.ReLU(),
+                                     nn.Linear(SPATIAL_WIDTH, classes))
+        else:  # spatial_v2 (checked in _check_config)
+            self.out = nn.Sequential(nn.Linear(sum(widths), SPATIAL_WIDTH), normalization(SPATIAL_WIDTH, groups),
+                                     nn.SiLU(), nn.Linear(SPATIAL_WIDTH, classes))
+        self.feature_side = side  # side of the middle block's output (image_size // 2^(levels-1))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Logits [N, out_channels] of p(y | x_t, t) for x_t [N, C, H, W] at timesteps t [N]."""
+        t = self._check_inputs(x_t, t)
+        if self.config.time_scale != 1.0:  # as the UNet: embed t * time_scale
+            t = t.float() * self.config.time_scale
+        emb = timestep_embedding_adm(t, self.config.channels)  # [N, C], float32
+        emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))  # [N, 4C]
+
+        spatial = self.config.pool.startswith("spatial")
+        h, means = x_t, []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            if spatial:
+                means.append(h.mean(dim=(2, 3)))  # [N, width of the block]
+        h = self.middle_block(h, emb)
+        if spatial:
+            means.append(h.mean(dim=(2, 3)))
+            return self.out(torch.cat(means, dim=-1))  # [N, sum of widths] -> [N, classes]
+        return self.out(h)
+
+    def _check_inputs(self, x_t, t) -> torch.Tensor:
+        """Raise a ValueError that says what to change; return t as a [N] tensor."""
+        cfg = self.config
+        if not isinstance(x_t, torch.Tensor) or x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
+            shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise ValueError(f"x_t must be [N, {cfg.in_channels}, H, W] (classifier.in_channels={cfg.in_channels}); "
+                             f"got {shape}")
+        if cfg.pool == "attention" and tuple(x_t.shape[-2:]) != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"x_t must be {cfg.image_size}x{cfg.image_size} (classifier.image_size): the attention "
+                             f"pool's positional embedding fixes the side; got {tuple(x_t.shape[-2:])}. Resize the "
+                             "images, or use pool='adaptive' for other sizes")
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if x_t.shape[-1] % factor or x_t.shape[-2] % factor:
+            raise ValueError(f"image side {tuple(x_t.shape[-2:])} is not divisible by {factor}, which this "
+                             f"classifier's {len(cfg.channel_mult)} levels need; resize to a multiple of {factor}")
+        weight = self.input_blocks[0][0].weight
+        if not x_t.is_floating_point():
+            raise ValueError(f"x_t must be a float tensor, got {x_t.dtype}; images go in as floats in [-1, 1] "
+                             "(uint8: x.float() / 127.5 - 1), noised to x_t")
+        if x_t.device != weight.device:
+            raise ValueError(f"x_t is on {x_t.device} but the classifier is on {weight.device}; move one of them "
+                             f"(x_t.to('{weight.device}') or classifier.to('{x_t.device}'))")
+        if x_t.dtype != weight.dtype and not _autocast(x_t.device.type):
+            raise ValueError(f"x_t is {x_t.dtype} but the classifier's weights are {weight.dtype}; convert one of "
+                             f"them, or run under torch.autocast")
+        n = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise ValueError(f"t must be a scalar or have shape [{n}] (one timestep per sample); got {tuple(t.shape)}")
+        return t
+
+
+def _check_config(config: ClassifierConfig) -> None:
+    """Reject configurations the classifier would otherwise build silently wrong (messages name the field)."""
+    if config.pool not in POOLS:
+        raise ValueError(f"classifier.pool={config.pool!r} is not one of {', '.join(map(repr, POOLS))}")
+    if config.pool == "attention" and config.num_head_channels <= 0:
+        raise ValueError("classifier.pool='attention' needs classifier.num_head_channels > 0 (the attention pool's "
+                         "heads are channels // num_head_channels; ADM uses 64)")
+    if not config.channel_mult:
+        raise ValueError("classifier.channel_mult must name at least one level, e.g. (1, 2, 3, 4)")
+    factor = 2 ** (len(config.channel_mult) - 1)
+    if config.image_size % factor:
+        raise ValueError(f"classifier.image_size={config.image_size} must be divisible by 2^(levels-1) = {factor} "
+                         f"for channel_mult={config.channel_mult}")
+    sides = [config.image_size // 2**level for level in range(len(config.channel_mult))]
+    unreached = [r for r in config.attention_resolutions if r not in sides]
+    if unreached:
+        raise ValueError(f"classifier.attention_resolutions {unreached} are not feature-map sides of this "
+                         f"classifier (sides are {sides}); they are sides like 16 (=16x16), not factors")
+    for mult in config.channel_mult:
+        if int(mult * config.channels) != mult * config.channels:
+            raise ValueError(f"channel_mult {mult} x channels {config.channels} is not a whole number of channels")
+
+
+def config_from_original(kwargs: dict) -> ClassifierConfig:
+    """ClassifierConfig equivalent to guided-diffusion `EncoderUNetModel(**kwargs)` (its defaults included).
+
+    The originals' attention *downsample factors* become feature-map sides (side = image_size // factor).
+    """
+    image_size = kwargs["image_size"]
+    return ClassifierConfig(
+        image_size=image_size,
+        in_channels=kwargs["in_channels"],
+        out_channels=kwargs["out_channels"],
+        channels=kwargs["model_channels"],
+        channel_mult=tuple(kwargs.get("channel_mult", (1, 2, 4, 8))),
+        num_res_blocks=kwargs["num_res_blocks"],
+        attention_resolutions=tuple(image_size // ds for ds in kwargs["attention_resolutions"]),
+        dropout=kwargs.get("dropout", 0.0),
+        num_heads=kwargs.get("num_heads", 1),
+        num_head_channels=kwargs.get("num_head_channels", -1),
+        use_scale_shift_norm=kwargs.get("use_scale_shift_norm", False),
+        resblock_updown=kwargs.get("resblock_updown", False),
+        use_new_attention_order=kwargs.get("use_new_attention_order", False),
+        conv_resample=kwargs.get("conv_resample", True),
+        pool=kwargs.get("pool", "adaptive"),
+        use_checkpoint=kwargs.get("use_checkpoint", False),
+    )
