@@ -1,8 +1,10 @@
-"""Sample quality on the offline shapes data: a course-trained evaluator network and the Fréchet distance.
+"""Sample quality: a course-trained evaluator network for the offline shapes data, and Inception metrics.
 
     >>> from minildm import metrics
     >>> report = metrics.evaluate_shapes(samples)      # samples [N, 3, H, W] in [-1, 1]
     >>> report["confident_fraction"], report["frechet_distance_to_real"], report["frechet_distance_floor"]
+    >>> report["kernel_distance_to_real"], report["kernel_distance_floor"]   # the KID formula, same features
+    >>> metrics.inception_metrics(real, samples)       # FID, IS, KID, precision/recall; needs Inception weights
 
 Inception features (FID, Heusel et al. 2017) need downloaded weights and say little about
 32x32 coloured shapes. Here the same formula is applied to the 64-d features of
@@ -11,7 +13,8 @@ data/checkpoints/shapes-evaluator.safetensors). The number is called "Fréchet d
 shapes-evaluator features": comparable between models scored with the same evaluator and the
 same number of images, never with published FIDs. Finite samples bias it upwards, so
 `evaluate_shapes` also scores real held-out images of the same count: that real-vs-real
-distance is the floor a perfect model would reach.
+distance is the floor a perfect model would reach. The kernel distance (the KID formula of
+Bińkowski et al. 2018 on the same features) is unbiased: its floor is about 0 at any N.
 
 The evaluator classifies kind x colour (35 classes, `data.ShapesDataset(label="kind_color")`)
 and was also trained to give a uniform prediction on noise and blank images (outlier exposure,
@@ -39,6 +42,9 @@ EVALUATOR_PATH = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / 
 EVALUATOR_FORMAT = "minildm.shapes-evaluator/1"
 EVALUATOR_SIZE = 32  # the side the evaluator reads; other sizes are resized to it (real references too)
 FRECHET_NAME = "Fréchet distance on shapes-evaluator features"
+KERNEL_NAME = "kernel distance (KID formula) on shapes-evaluator features"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's, read by torchmetrics
+INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +111,58 @@ def precision_recall(real_features, fake_features, k: int = 3) -> dict[str, floa
 
     return {"precision": inside(fake, real, radii(real)).double().mean().item(),
             "recall": inside(real, fake, radii(fake)).double().mean().item()}
+
+
+def kernel_inception_distance(features_a, features_b, *, subsets: int = 100, subset_size: int = 1000,
+                              generator: torch.Generator | None = None) -> dict[str, float]:
+    """KID (Bińkowski et al. 2018): unbiased MMD^2 between feature sets [N_a, D] and [N_b, D], cubic polynomial kernel.
+
+    With k(x, y) = (x.y / D + 1)^3 and random subsets a, b of m = `subset_size` rows each (without replacement),
+        MMD^2_u = sum_{i != j} [k(a_i, a_j) + k(b_i, b_j)] / (m (m - 1)) - 2 sum_{i, j} k(a_i, b_j) / m^2,
+    averaged over `subsets` draws: dict(mean, std) with std over the draws (ddof 0), as torch-fidelity and
+    torchmetrics compute it. Unlike the Fréchet distance it has no small-N bias (the diagonal k(a_i, a_i) is left
+    out): about 0, within its std, for two samples of one distribution, and it can be slightly negative.
+    """
+    a, b = (torch.as_tensor(f).detach().to(dtype=torch.float64) for f in (features_a, features_b))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"features must be [N_a, D] and [N_b, D] for the same D; "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not 2 <= subset_size <= min(len(a), len(b)):
+        raise ValueError(f"subset_size={subset_size} must be between 2 and the smaller set's size "
+                         f"({len(a)} and {len(b)} rows); pass subset_size=min(N_a, N_b) for small sets")
+    values = []
+    for _ in range(subsets):
+        subset_a = a[torch.randperm(len(a), generator=generator)[:subset_size].to(a.device)]
+        subset_b = b[torch.randperm(len(b), generator=generator)[:subset_size].to(b.device)]
+        values.append(_polynomial_mmd2(subset_a, subset_b))
+    values = torch.stack(values)
+    return {"mean": values.mean().item(), "std": values.std(correction=0).item()}
+
+
+def _polynomial_mmd2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    m, dim = a.shape
+    k_aa, k_bb, k_ab = ((x @ y.T).div_(dim).add_(1).pow_(3) for x, y in ((a, a), (b, b), (a, b)))  # in place: m x m
+    within = k_aa.sum() - k_aa.diagonal().sum() + k_bb.sum() - k_bb.diagonal().sum()  # i != j only: unbiased
+    return within / (m * (m - 1)) - 2 * k_ab.mean()
+
+
+def inception_score(logits, splits: int = 10, generator: torch.Generator | None = None) -> dict[str, float]:
+    """Inception Score (Salimans et al. 2016) from classifier logits [N, K]: exp(E_x KL(p(y|x) || p(y))).
+
+    As torchmetrics' InceptionScore: the rows are shuffled and cut into `splits` groups, p(y) is a group's mean
+    prediction; returns dict(mean, std) over the groups (std with ddof 1, torchmetrics' choice).
+    """
+    logits = torch.as_tensor(logits).detach().to(dtype=torch.float64)
+    if logits.ndim != 2 or len(logits) < splits:
+        raise ValueError(f"logits must be [N, K] with N >= splits={splits}; got shape {tuple(logits.shape)}")
+    logits = logits[torch.randperm(len(logits), generator=generator).to(logits.device)]
+    scores = []
+    for group in logits.chunk(splits):
+        log_p = group.log_softmax(dim=1)
+        log_marginal = log_p.exp().mean(dim=0).log()
+        scores.append((log_p.exp() * (log_p - log_marginal)).sum(dim=1).mean().exp())
+    scores = torch.stack(scores)
+    return {"mean": scores.mean().item(), "std": scores.std().item() if splits > 1 else 0.0}
 
 
 def confident_fraction(probs, threshold: float = 0.9) -> float:
@@ -309,11 +367,15 @@ def evaluate_shapes(images: torch.Tensor, *, labels=None, threshold: float = 0.9
       frechet_distance_to_real Fréchet distance on shapes-evaluator features to `num_reference`
                                held-out images (data seed 1, the split training never sees)
       frechet_distance_floor   the same distance for N real images (data seed 2): what a perfect model gets
+      kernel_distance_to_real  `kernel_inception_distance` (the KID formula) on the same features, standardised
+                               by the references' mean and std per feature, against the same references (mean
+                               over 100 subsets of min(N, num_reference, 1000)); kernel_distance_to_real_std its
+                               std; kernel_distance_floor (+ _std) the same for the N real images: about 0
       real_confident_fraction  confident_fraction of those N real images
       precision, recall        k-NN manifold precision / recall (k = 3, `precision_recall`) against
                                min(N, num_reference) held-out images; precision_floor, recall_floor: the
                                same for the N real images
-      num_images, num_reference, metric (the distance's name)
+      num_images, num_reference, metric and kernel_metric (the distances' names)
     """
     check_images(images)
     n, size = images.shape[0], images.shape[-1]
@@ -325,6 +387,9 @@ def evaluate_shapes(images: torch.Tensor, *, labels=None, threshold: float = 0.9
     real = _real_outputs(n, size, 2, path)
     matched = reference["features"][:min(n, num_reference)]
     model_pr, real_pr = precision_recall(matched, outputs["features"]), precision_recall(matched, real["features"])
+    kid_size = min(n, num_reference, 1000)
+    model_kid = _standardised_kernel_distance(outputs["features"], reference["features"], kid_size)
+    real_kid = _standardised_kernel_distance(real["features"], reference["features"], kid_size)
     kinds = torch.bincount(outputs["kind"], minlength=len(data.SHAPES)).double() / n
     colors = torch.bincount(outputs["color"], minlength=len(data.COLORS)).double() / n
     report = {
@@ -334,11 +399,14 @@ def evaluate_shapes(images: torch.Tensor, *, labels=None, threshold: float = 0.9
         "color_histogram": {name: round(v.item(), 4) for name, v in zip(data.COLORS, colors)},
         "frechet_distance_to_real": frechet_distance(outputs["features"], reference["features"]),
         "frechet_distance_floor": frechet_distance(real["features"], reference["features"]),
+        "kernel_distance_to_real": model_kid["mean"], "kernel_distance_to_real_std": model_kid["std"],
+        "kernel_distance_floor": real_kid["mean"], "kernel_distance_floor_std": real_kid["std"],
         "real_confident_fraction": confident_fraction(real["kind_probs"], threshold),
         **model_pr,
         "precision_floor": real_pr["precision"], "recall_floor": real_pr["recall"],
         "num_reference": num_reference,
         "metric": f"{FRECHET_NAME} (64-d, {num_reference} held-out references; not FID)",
+        "kernel_metric": f"{KERNEL_NAME} (64-d standardised, subsets of {kid_size}; not KID)",
     }
     if labels is not None:
         labels = torch.as_tensor(labels).cpu()
@@ -346,6 +414,14 @@ def evaluate_shapes(images: torch.Tensor, *, labels=None, threshold: float = 0.9
             raise ValueError(f"labels must be the {n} requested kinds, shape [{n}]; got {tuple(labels.shape)}")
         report["requested_kind_accuracy"] = (outputs["kind"] == labels).double().mean().item()
     return report
+
+
+def _standardised_kernel_distance(features, reference, subset_size: int) -> dict[str, float]:
+    # The cubic kernel assumes x.y / D of order 1, as for Inception pool features; the evaluator's raw features
+    # are ~11 in RMS and their cubes drown the signal in noise. Standardise both sets by the reference statistics.
+    mean, std = reference.mean(dim=0), reference.std(dim=0).clamp(min=1e-6)
+    return kernel_inception_distance((features - mean) / std, (reference - mean) / std, subset_size=subset_size,
+                                     generator=torch.Generator().manual_seed(0))
 
 
 def heldout_accuracy(evaluator: ShapesEvaluator | None = None, num: int = 2000, seed: int = 1) -> dict:
@@ -357,6 +433,103 @@ def heldout_accuracy(evaluator: ShapesEvaluator | None = None, num: int = 2000, 
     return {"kind": (out["kind"] == kind).double().mean().item(),
             "color": (out["color"] == color).double().mean().item(),
             "kind_color": ((out["kind"] == kind) & (out["color"] == color)).double().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception metrics for real datasets (CIFAR10, ImageNet, ...): torchmetrics' Inception v3
+
+
+class InceptionWeightsUnavailable(RuntimeError):
+    """The Inception v3 weights are neither on disk nor downloadable (an offline machine, CI)."""
+
+
+def inception_weights_path() -> Path:
+    """Where torch-fidelity, and so torchmetrics, caches the weights: torch hub's checkpoints folder.
+
+    That is $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints, or $XDG_CACHE_HOME/torch/...,
+    or the folder given to torch.hub.set_dir), as torch.hub.load_state_dict_from_url resolves it.
+    """
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+
+def load_inception(weights_path=None, device="cpu", download: bool = True) -> nn.Module:
+    """torchmetrics' Inception v3 (`NoTrainInceptionV3`, "inception-v3-compat"): uint8 [N, 3, H, W] -> pool [N, 2048].
+
+    It is the network FrechetInceptionDistance, KernelInceptionDistance and InceptionScore build; its `fc`
+    gives IS's logits. The weights are read from `weights_path` or `inception_weights_path()`, downloaded there
+    from INCEPTION_WEIGHTS_URL if missing; raises InceptionWeightsUnavailable if that fails.
+    """
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    path = Path(weights_path) if weights_path is not None else inception_weights_path()
+    if not path.is_file():
+        if weights_path is not None or not download:
+            raise InceptionWeightsUnavailable(_missing_weights_message(path, "downloading was not asked for"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(path), progress=False)
+        except (OSError, RuntimeError) as error:  # no network (URLError is an OSError), HTTP errors, disk full
+            message = _missing_weights_message(path, f"the download failed: {error}")
+            raise InceptionWeightsUnavailable(message) from error
+    inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                   feature_extractor_weights_path=str(path))
+    return inception.to(device)
+
+
+def _missing_weights_message(path: Path, reason: str) -> str:
+    return (f"Inception v3 weights not found at {path} ({reason}). FID, IS and KID on Inception features need "
+            f"torch-fidelity's {INCEPTION_WEIGHTS_FILE}: download {INCEPTION_WEIGHTS_URL} on a machine with "
+            f"internet and put it in {path.parent}/ (torch hub's checkpoints folder, $TORCH_HOME/hub/checkpoints; "
+            f"set TORCH_HOME to use another folder), or pass weights_path=. On the offline shapes data use "
+            f"metrics.evaluate_shapes (distances on shapes-evaluator features) instead.")
+
+
+@torch.no_grad()
+def inception_features(images: torch.Tensor, inception: nn.Module, batch_size: int = 100):
+    """Pool features [N, 2048] and logits [N, 1008] (fc without bias, torchmetrics' "logits_unbiased") on the CPU.
+
+    images [N, 3, H, W] in [-1, 1] are rounded to uint8, as the protocol reads saved PNGs; the network resizes
+    them to 299x299 itself (bilinear with antialias, torchmetrics' default).
+    """
+    check_images(images)
+    device = next(inception.parameters()).device
+    pools = []
+    for batch in images.split(batch_size):
+        pixels = ((batch.to(device, torch.float32).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        pools.append(inception(pixels))
+    pool = torch.cat(pools)
+    return pool.cpu(), (pool @ inception.fc.weight.T).cpu()
+
+
+def inception_metrics(real_images: torch.Tensor, fake_images: torch.Tensor, *, batch_size: int = 100,
+                      splits: int = 10, kid_subsets: int = 100, kid_subset_size: int = 1000, k: int = 3, seed: int = 0,
+                      weights_path=None, device=None) -> dict:
+    """FID, Inception Score, KID and precision/recall of generated vs real images, both [N, 3, H, W] in [-1, 1].
+
+    One pass of torchmetrics' Inception (`load_inception`); on its pool features [N, 2048]: FID (Heusel et al.
+    2017, `frechet_distance`), KID (`kernel_inception_distance`, subsets of min(kid_subset_size, N_real, N_fake))
+    and precision/recall (`precision_recall`, k-NN manifolds); IS (`inception_score`) on the generated images'
+    logits. Each formula is tested against torchmetrics' metric classes on the same features. Published numbers
+    use 50,000 generated images (FID is biased upwards at small N): compare only at equal N and reference set.
+
+    Offline without the weights file this raises InceptionWeightsUnavailable (naming file, URL and folder);
+    it could not be run with the real weights here (no network), only with random ones in the tests.
+    Returns dict(fid, inception_score, inception_score_std, kid, kid_std, precision, recall, num_real, num_fake).
+    """
+    check_images(real_images, "real_images")
+    check_images(fake_images, "fake_images")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    inception = load_inception(weights_path, device)
+    real, _ = inception_features(real_images, inception, batch_size)
+    fake, fake_logits = inception_features(fake_images, inception, batch_size)
+    kid = kernel_inception_distance(real, fake, subsets=kid_subsets, generator=torch.Generator().manual_seed(seed),
+                                    subset_size=min(kid_subset_size, len(real), len(fake)))
+    score = inception_score(fake_logits, splits, generator=torch.Generator().manual_seed(seed))
+    return {"fid": frechet_distance(real, fake),
+            "inception_score": score["mean"], "inception_score_std": score["std"],
+            "kid": kid["mean"], "kid_std": kid["std"],
+            **precision_recall(real, fake, k),
+            "num_real": len(real), "num_fake": len(fake)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""Metrics: Fréchet distance identities and closed forms, the shipped shapes evaluator, evaluate_shapes."""
+"""Metrics: Fréchet distance identities and closed forms, KID and IS against torchmetrics, the shipped shapes
+evaluator, evaluate_shapes, and the Inception metrics (offline error; the pipeline with random weights)."""
 
 import math
+import os
+import urllib.error
 
 import pytest
 import torch
+from torch import nn
 
 from minildm import data, metrics
 
@@ -81,6 +85,59 @@ def test_precision_recall_of_k_nn_manifolds():
         metrics.precision_recall(real[:3], real)
 
 
+# ---------------------------------------------------------------------------------------------
+# KID and IS
+
+
+def test_kernel_inception_distance_is_zero_for_one_distribution_and_positive_for_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(500, 16, generator=g), torch.randn(500, 16, generator=g)
+    same = metrics.kernel_inception_distance(a, b, subset_size=200, generator=g)
+    assert abs(same["mean"]) < same["std"], same  # unbiased: 0 within its spread, at N = 200
+    shifted = metrics.kernel_inception_distance(a, b + 0.5, subset_size=200, generator=g)
+    assert shifted["mean"] > 10 * max(shifted["std"], same["std"]), shifted
+
+
+@pytest.mark.filterwarnings("ignore:Metric `.*` will save all extracted features")
+def test_kernel_inception_distance_equals_torchmetrics():
+    from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(300, 32, generator=g, dtype=torch.float64)
+    b = 1.2 * torch.randn(300, 32, generator=g, dtype=torch.float64) + 0.1
+    ours = metrics.kernel_inception_distance(a, b, subsets=1, subset_size=300)  # the whole sets: no randomness
+    assert ours["mean"] == pytest.approx(poly_mmd(a, b).item(), rel=1e-10)
+    # the metric class itself, fed features through an identity "feature extractor"; every subset is the whole set
+    reference = KernelInceptionDistance(feature=nn.Identity(), subsets=3, subset_size=300)
+    reference.update(a, real=True)
+    reference.update(b, real=False)
+    assert ours["mean"] == pytest.approx(reference.compute()[0].item(), rel=1e-10)
+    with pytest.raises(ValueError, match="subset_size=1000"):
+        metrics.kernel_inception_distance(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `.*` will save all extracted features")
+@pytest.mark.filterwarnings("ignore:std... degrees of freedom")  # torchmetrics' IS at splits=1
+def test_frechet_distance_and_inception_score_equal_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    b = torch.randn(400, 8, generator=g, dtype=torch.float64) + 0.3
+    identity = nn.Identity()
+    identity.num_features = 8
+    fid = FrechetInceptionDistance(feature=identity)
+    fid.update(a, real=True)
+    fid.update(b, real=False)
+    assert metrics.frechet_distance(a, b) == pytest.approx(fid.compute().item(), rel=1e-6)
+    logits = 3 * torch.randn(200, 10, generator=g, dtype=torch.float64)
+    score = InceptionScore(feature=nn.Identity(), splits=1)
+    score.update(logits)
+    assert metrics.inception_score(logits, splits=1)["mean"] == pytest.approx(score.compute()[0].item(), rel=1e-10)
+    assert metrics.inception_score(torch.zeros(100, 10))["mean"] == pytest.approx(1.0)  # no confident class: IS = 1
+
+
 def test_confident_fraction():
     probs = torch.tensor([[0.95, 0.05], [0.5, 0.5], [0.1, 0.9], [0.2, 0.8]])
     assert metrics.confident_fraction(probs) == 0.5
@@ -106,6 +163,9 @@ def test_evaluate_shapes_real_images_reach_the_floor():
     assert "not FID" in report["metric"]
     assert report["precision"] > 0.8 and report["recall"] > 0.8  # real images: close to the real-vs-real floor
     assert abs(report["precision"] - report["precision_floor"]) < 0.1
+    assert abs(report["kernel_distance_to_real"]) < 3 * report["kernel_distance_to_real_std"]  # unbiased: about 0
+    assert abs(report["kernel_distance_floor"]) < 3 * report["kernel_distance_floor_std"]
+    assert "not KID" in report["kernel_metric"]
 
 
 def test_evaluate_shapes_requested_kind_accuracy():
@@ -126,6 +186,8 @@ def test_evaluate_shapes_noise_and_blank_images_score_badly():
         report = metrics.evaluate_shapes(images, num_reference=1000)
         assert report["confident_fraction"] <= 0.1
         assert report["frechet_distance_to_real"] > 10 * report["frechet_distance_floor"]
+        assert report["kernel_distance_to_real"] > 10 * report["kernel_distance_to_real_std"]
+        assert report["kernel_distance_to_real"] > 100 * abs(report["kernel_distance_floor"])
 
 
 def test_evaluate_shapes_resizes_other_sizes_with_a_matching_reference():
@@ -144,3 +206,71 @@ def test_evaluator_save_load_round_trip_and_missing_file(tmp_path):
     assert metrics.evaluator_info(path) == {"note": "untrained"}
     with pytest.raises(FileNotFoundError, match="train-evaluator"):
         metrics.load_evaluator(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception metrics (torchmetrics' Inception v3; its weights come from GitHub)
+
+
+def test_inception_weights_are_looked_for_where_torch_fidelity_caches_them(tmp_path, monkeypatch):
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert metrics.INCEPTION_WEIGHTS_URL == URL_INCEPTION_V3
+    assert metrics.inception_weights_path() == tmp_path / "hub" / "checkpoints" / metrics.INCEPTION_WEIGHTS_FILE
+    wanted = []
+
+    def offline(url, dst, *args, **kwargs):  # records where torch-fidelity would put the file, then fails offline
+        wanted.append(dst)
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(urllib.error.URLError):
+        FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    assert wanted == [str(metrics.inception_weights_path())]
+
+
+def test_inception_metrics_offline_raise_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
+
+    def offline(url, dst, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # never touch the network here
+    images = torch.zeros(4, 3, 32, 32)
+    with pytest.raises(metrics.InceptionWeightsUnavailable) as error:
+        metrics.inception_metrics(images, images)
+    message = str(error.value)
+    assert isinstance(error.value, RuntimeError) and calls == [metrics.INCEPTION_WEIGHTS_URL]
+    for needed in (metrics.INCEPTION_WEIGHTS_FILE, metrics.INCEPTION_WEIGHTS_URL,
+                   str(tmp_path / "hub" / "checkpoints"), "TORCH_HOME", "name resolution"):
+        assert needed in message, needed
+    with pytest.raises(metrics.InceptionWeightsUnavailable, match="not asked"):
+        metrics.load_inception(download=False)
+    with pytest.raises(metrics.InceptionWeightsUnavailable, match="missing.pth"):
+        metrics.load_inception(tmp_path / "missing.pth")
+    assert len(calls) == 1
+
+
+def test_inception_metrics_pipeline_with_random_weights(tmp_path, monkeypatch):
+    # The real weights cannot be downloaded here: write randomly initialised ones where they are looked for,
+    # which runs everything after the download (uint8 conversion, 299x299 resize, pool and logits, the metrics).
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: None)
+        patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+        torch.manual_seed(0)
+        random_state = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    os.makedirs(metrics.inception_weights_path().parent)
+    torch.save(random_state, metrics.inception_weights_path())
+    real, _ = data.ShapesDataset(8, 32, seed=1).tensors()
+    fake = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    report = metrics.inception_metrics(real, fake, splits=2, device="cpu")
+    assert report["num_real"] == report["num_fake"] == 8
+    for key in ("fid", "inception_score", "kid", "precision", "recall"):
+        assert math.isfinite(report[key]), (key, report)
+    assert report["fid"] > 0 and report["inception_score"] >= 1
