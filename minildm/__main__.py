@@ -7,6 +7,8 @@
     python -m minildm train ddpm-cifar10 --resume               # continue where the checkpoint stopped
     python -m minildm sample runs/toy-shapes/checkpoint.safetensors --num 16 --steps 50 --out grid.png
     python -m minildm sample adm-imagenet64 --steps 25           # an official checkpoint, downloaded once
+    python -m minildm sample ddpm-shapes.safetensors --classifier shapes-classifier.safetensors --classifier-scale 4
+    python -m minildm sample ddpm-shapes-cond.safetensors --guidance-scale 3   # classifier-free guidance
     python -m minildm bpd runs/toy-shapes/checkpoint.safetensors --num 64
 """
 
@@ -121,6 +123,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="use the EMA weights when the checkpoint has them (default: yes)")
     p.add_argument("--class", dest="label", type=int, help="class label for class-conditional models "
                                                            "(default: cycle over the classes)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance w for class-conditional models trained with a null class: "
+                        "eps_null + w (eps_class - eps_null); 1 = no guidance (default), 0 = unconditional")
+    p.add_argument("--classifier", help="checkpoint of a noise-aware classifier (model=classifier) for classifier "
+                                        "guidance, or a preset name such as adm-classifier64")
+    p.add_argument("--classifier-scale", type=float, default=1.0,
+                   help="classifier guidance scale s (ADM): s * grad log p(y | x_t); 0 = none (default 1 with "
+                        "--classifier)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(run=_sample)
@@ -195,14 +205,15 @@ def _train(args) -> int:
     return 0
 
 
-def _load(args):
-    """(model to use, config) from a checkpoint file or an official preset name."""
+def _load(args, checkpoint=None):
+    """(model to use, config) from a checkpoint file or an official preset name (default: args.checkpoint)."""
     from minildm import checkpoints, presets
 
+    checkpoint = checkpoint or args.checkpoint
     device = _device(args.device)
-    path = Path(args.checkpoint)
-    if not path.exists() and args.checkpoint in presets.names():
-        model, config = checkpoints.load_official(args.checkpoint, device=device)
+    path = Path(checkpoint)
+    if not path.exists() and checkpoint in presets.names():
+        model, config = checkpoints.load_official(checkpoint, device=device)
         return model, config
     loaded = checkpoints.load(path, device=device, ema=args.ema)
     return (loaded.ema if args.ema and loaded.ema is not None else loaded.model), loaded.config
@@ -216,17 +227,27 @@ def _sample(args) -> int:
     if config.unet.super_res and config.model == "unet":
         raise ValueError("super-resolution models need low-resolution inputs; sample them from Python "
                          "(model_kwargs={'low_res': ...})")
+    classifier = None
+    if args.classifier:
+        classifier, classifier_config = _load(args, args.classifier)
+        if classifier_config.model != "classifier":
+            raise ValueError(f"--classifier {args.classifier} holds a {classifier_config.model!r} model, not a "
+                             "noise-aware classifier (train one with `python -m minildm train shapes-classifier`)")
     y = None
     if args.label is not None:
         classes = config.unet.num_classes if config.model == "unet" else 0
+        if classifier is not None and classes == 0:
+            classes = classifier_config.classifier.out_channels
         if classes == 0:
             raise ValueError(f"--class {args.label}: this model is unconditional (unet.num_classes=0); "
-                             "leave --class out")
+                             "leave --class out, or guide it with --classifier")
         if not 0 <= args.label < classes:
             raise ValueError(f"--class {args.label}: this model has classes 0 .. {classes - 1}")
         y = [args.label] * args.num
     samples = train.generate(model, minildm.build_diffusion(config), config, args.num, sampler=args.sampler,
-                             steps=args.steps, eta=args.eta, seed=args.seed, y=y, progress_bar=progress.enabled())
+                             steps=args.steps, eta=args.eta, seed=args.seed, y=y, progress_bar=progress.enabled(),
+                             guidance_scale=args.guidance_scale, classifier=classifier,
+                             classifier_scale=args.classifier_scale if classifier is not None else 0.0)
     path = train.save_grid(samples, args.out)
     print(f"wrote {len(samples)} samples to {path}")
     return 0

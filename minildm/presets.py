@@ -152,8 +152,9 @@ register(Preset(
                                     pool="attention"),
         diffusion=copy.deepcopy(_SHAPES_DIFFUSION),
         data=DataConfig(dataset="shapes", image_size=32),
-        train=TrainConfig(batch_size=64, lr=3e-4, weight_decay=0.05, warmup_steps=100, max_steps=3000,
-                          ema_decay=0.999, sample_every=0, save_every=500, out_dir="runs/shapes-classifier"),
+        train=TrainConfig(batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=100, max_steps=2500,
+                          lr_schedule="cosine", lr_decay_steps=1000, ema_decay=0.999, sample_every=0,
+                          save_every=250, log_every=50, out_dir="runs/shapes-classifier"),
     ),
 ))
 

@@ -552,26 +552,48 @@ def _note_config_changes(saved: dict, config) -> None:
 
 @torch.no_grad()
 def generate(model, diffusion, config, num: int, *, sampler="ddim", steps=25, eta=0.0, seed=0, y=None,
-             device=None, progress_bar=False, batch_size=None) -> torch.Tensor:
+             device=None, progress_bar=False, batch_size=None, guidance_scale=1.0, classifier=None,
+             classifier_scale=0.0) -> torch.Tensor:
     """`num` samples of `model` with a respaced DDIM (or DDPM) schedule of `steps` steps; [num, C, H, W] or [num, 2].
 
-    y: class labels [num] for class-conditional models (default: 0, 1, 2, ... cycling over the classes).
+    y: class labels [num] for class-conditional models, or the classes `classifier` guides towards
+    (default: 0, 1, 2, ... cycling over the classes).
     batch_size: sample in chunks of this many (one generator runs through all chunks); None = all at once.
+    guidance_scale: classifier-free guidance w of a class-conditional model trained with a null class
+    (1 = none, `guidance.classifier_free`).
+    classifier, classifier_scale: classifier guidance with scale s (0 = none, `guidance.classifier_gradient`):
+    on the mean for sampler="ddpm", on eps for "ddim"; works with unconditional and conditional models.
     """
-    from minildm import sampling, schedules
+    from minildm import guidance, sampling, schedules
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if config.model == "unet":
         shape = (num, config.unet.in_channels, config.unet.image_size, config.unet.image_size)
     else:
         shape = (num, config.mlp.data_dim)
-    model_kwargs = None
-    if config.model == "unet" and config.unet.num_classes > 0:
-        if y is None:
-            y = torch.arange(num) % config.unet.num_classes
-        model_kwargs = {"y": torch.as_tensor(y, device=device)}
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
+    classes = config.unet.num_classes if config.model == "unet" else 0
+    if guidance_scale != 1:
+        if not (classes > 0 and config.unet.null_class):
+            raise ValueError(f"guidance_scale={guidance_scale}: classifier-free guidance needs a class-conditional "
+                             "model trained with a null class (unet.null_class=true, train.cond_dropout > 0); use "
+                             "guidance_scale=1, or a classifier with classifier_scale")
+        model = guidance.classifier_free(model, guidance_scale, {"y": guidance.null_labels(1, classes, device)})
+    cond_fn = None
+    if classifier is not None and classifier_scale != 0:
+        cond_fn = guidance.classifier_gradient(classifier, classifier_scale)
+        classifier_classes = classifier.config.out_channels
+        if classes == 0:  # an unconditional model ignores the labels meant for the classifier
+            model = _ignore_labels(model)
+        classes = classifier_classes if classes == 0 else classes
+    elif classifier_scale != 0:
+        raise ValueError(f"classifier_scale={classifier_scale} needs a classifier (classifier=...)")
+    labels = None
+    if classes > 0:
+        labels = torch.as_tensor(torch.arange(num) % classes if y is None else y, device=device)
+        if labels.shape != (num,):
+            raise ValueError(f"y must hold one label per sample ([{num}]), got shape {tuple(labels.shape)}")
     timesteps = schedules.space_timesteps(diffusion.num_timesteps, str(min(steps, diffusion.num_timesteps)))
     generator = torch.Generator(device).manual_seed(seed)
     chunks = []
@@ -579,13 +601,20 @@ def generate(model, diffusion, config, num: int, *, sampler="ddim", steps=25, et
         size = min(batch_size or num, num - start)
         x_T = torch.randn((size, *shape[1:]), generator=generator, device=device)
         kwargs = dict(clip_denoised=config.sample.clip_denoised and config.model == "unet", generator=generator,
-                      model_kwargs=model_kwargs and {"y": model_kwargs["y"][start:start + size]},
-                      progress=progress_bar)
+                      model_kwargs=None if labels is None else {"y": labels[start:start + size]},
+                      progress=progress_bar, cond_fn=cond_fn)
         if sampler == "ddim":
             chunks.append(sampling.ddim_sample(model, diffusion, x_T, timesteps, eta=eta, **kwargs))
         else:
             chunks.append(sampling.ddpm_sample(model, diffusion, x_T, timesteps, **kwargs))
     return torch.cat(chunks)
+
+
+def _ignore_labels(model):
+    """guided-diffusion's model_fn for an unconditional model: the labels are the classifier's, not the model's."""
+    def unconditional(x_t, t, y=None, **kwargs):
+        return model(x_t, t, **kwargs)
+    return unconditional
 
 
 def save_grid(samples: torch.Tensor, path) -> Path:

@@ -80,3 +80,21 @@ def test_module_entry_point_help():
                          timeout=120)
     assert run.returncode == 0
     assert "key=value" in run.stdout and "--resume" in run.stdout and "torchrun" in run.stdout
+
+
+def test_sample_with_classifier_and_classifier_free_guidance(trained, tmp_path, capsys):
+    classifier_run = tmp_path / "classifier"
+    assert main(["train", "shapes-classifier", "classifier.image_size=16", "data.image_size=16",
+                 "classifier.channel_mult=1,2", "diffusion.num_timesteps=1000", "data.num_samples=16",
+                 "train.batch_size=8", "train.save_every=1", "--max-steps", "1", "--out", str(classifier_run),
+                 "--quiet"]) == 0
+    classifier = str(classifier_run / "checkpoint.safetensors")
+    out = str(tmp_path / "grid.png")
+    # toy-shapes is unconditional: the classifier guides it towards --class
+    assert main(["sample", str(trained), "--num", "2", "--steps", "2", "--classifier", classifier,
+                 "--classifier-scale", "3", "--class", "4", "--out", out, "--device", "cpu"]) == 0
+    assert "wrote 2 samples" in capsys.readouterr().out
+    assert main(["sample", str(trained), "--num", "2", "--steps", "2", "--guidance-scale", "3", "--out", out]) == 2
+    assert "needs a class-conditional model trained with a null class" in capsys.readouterr().err
+    assert main(["sample", str(trained), "--num", "2", "--classifier", str(trained), "--out", out]) == 2
+    assert "not a noise-aware classifier" in capsys.readouterr().err

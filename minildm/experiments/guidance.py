@@ -1,0 +1,153 @@
+"""Guidance in small: fidelity against diversity as the guidance scale grows (ADM Sec. 4 and Fig. 4; Ho &
+Salimans 2021, Fig. 2 and Tab. 1).
+
+Sweeps on the shipped shapes checkpoints. Every scale draws the same N samples (the same x_T, labels
+cycling over the 5 kinds), scored with `metrics.evaluate_shapes`: requested-kind accuracy (fidelity to
+the requested class), precision (fidelity to the data), recall (diversity), the Fréchet and kernel
+distances on shapes-evaluator features (not FID / KID: not Inception features).
+
+- ``classifier``: ddpm-shapes (unconditional) guided by shapes-classifier with scale s (0 = no guidance);
+  sampler ddim applies it on eps (ADM Algorithm 2), ddpm on the mean (Algorithm 1).
+- ``free``: ddpm-shapes-cond with classifier-free guidance w (1 = no guidance, 0 = unconditional).
+
+    python -m minildm.experiments.guidance classifier --sampler ddim --scales 0,1,2,4,8 --num 500 \\
+        --out data/results/guidance_classifier_ddim.json
+    python -m minildm.experiments.guidance free --scales 0,1,1.5,2,3,5 --num 500 \\
+        --out data/results/guidance_free_ddim.json
+
+The chapter draws the results with `plot_sweeps(reports)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import minildm
+from minildm import checkpoints, metrics, train
+
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "data" / "checkpoints"
+MODELS = {"classifier": "ddpm-shapes", "free": "ddpm-shapes-cond"}
+CLASSIFIER = "shapes-classifier"
+METRICS = ("requested_kind_accuracy", "precision", "recall", "frechet_distance_to_real", "kernel_distance_to_real",
+           "confident_fraction")
+CLAIMS = {
+    "classifier": "ADM Sec. 4.1 / Fig. 4: raising the classifier scale trades diversity (recall) for fidelity "
+                  "(precision, and how often the sample is the requested class).",
+    "free": "Ho & Salimans 2021 / GLIDE: classifier-free guidance makes the same trade with no classifier: "
+            "precision and class fidelity rise and recall falls as w grows above 1.",
+}
+
+
+def load_shipped(name: str, folder=None):
+    """(EMA network in eval mode, config) of a shipped checkpoint, e.g. "ddpm-shapes" or "shapes-classifier"."""
+    path = Path(folder or CHECKPOINTS) / f"{name}.safetensors"
+    loaded = checkpoints.load(path)
+    network = loaded.ema if loaded.ema is not None else loaded.model
+    return network.eval().requires_grad_(False), loaded.config
+
+
+def sample(method: str, scale: float, num: int, *, sampler="ddim", steps=50, seed=0, batch_size=100,
+           models=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [num, 3, 32, 32], requested kinds [num]) for one row of a sweep.
+
+    Sample i asks for kind i mod 5; batch b is drawn with seed `seed + b`, so every scale starts from the
+    same noise. models: {"model": (net, config), "classifier": (net, config)} to reuse loaded networks.
+    """
+    models = models or {}
+    model, config = models.get("model") or load_shipped(MODELS[method])
+    labels = torch.arange(num) % 5
+    guided = {"guidance_scale": scale} if method == "free" else \
+        {"classifier": (models.get("classifier") or load_shipped(CLASSIFIER))[0], "classifier_scale": scale}
+    chunks = []
+    for b, start in enumerate(range(0, num, batch_size)):
+        chunk = labels[start:start + batch_size]
+        chunks.append(train.generate(model, minildm.build_diffusion(config), config, len(chunk), sampler=sampler,
+                                     steps=steps, seed=seed + b, y=chunk, **guided))
+    return torch.cat(chunks), labels
+
+
+def sweep(method: str, scales, *, num=500, sampler="ddim", steps=50, seed=0, batch_size=100, verbose=True) -> dict:
+    """One row per scale: the `evaluate_shapes` figures of `METRICS` (and their real-data floors), seconds."""
+    if method not in MODELS:
+        raise ValueError(f"unknown method {method!r}; use {' or '.join(MODELS)}")
+    models = {"model": load_shipped(MODELS[method])}
+    if method == "classifier":
+        models["classifier"] = load_shipped(CLASSIFIER)
+    rows = []
+    for scale in scales:
+        start = time.perf_counter()
+        images, labels = sample(method, scale, num, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+                                models=models)
+        seconds = time.perf_counter() - start
+        report = metrics.evaluate_shapes(images, labels=labels)
+        row = {"scale": scale, "seconds": round(seconds, 1), **{key: report[key] for key in METRICS},
+               "precision_floor": report["precision_floor"], "recall_floor": report["recall_floor"],
+               "frechet_distance_floor": report["frechet_distance_floor"]}
+        rows.append(row)
+        if verbose:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return {"method": method, "model": MODELS[method], "classifier": CLASSIFIER if method == "classifier" else None,
+            "sampler": sampler, "steps": steps, "num": num, "seed": seed, "claim": CLAIMS[method],
+            "scale_convention": "classifier scale s: 0 = none" if method == "classifier"
+            else "classifier-free w: 1 = none, 0 = unconditional",
+            "metric": report["metric"], "rows": rows,
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"}
+
+
+def plot_sweeps(reports: dict, axes=None):
+    """Requested-kind accuracy, precision and recall against the scale, one line per sweep; returns the figure.
+
+    reports: {label: sweep report}. Classifier scales s and classifier-free w - 1 share the x axis (the two
+    are the same guidance strength on the model's own classifier, `minildm.guidance`).
+    """
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        figure, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    figure = axes[0].figure
+    for label, report in reports.items():
+        shift = 1 if report["method"] == "free" else 0
+        x = [row["scale"] - shift for row in report["rows"]]
+        for axis, key in zip(axes, ("requested_kind_accuracy", "precision", "recall")):
+            axis.plot(x, [row[key] for row in report["rows"]], "o-", label=label)
+    titles = ("requested kind (fidelity to y)", "precision (fidelity)", "recall (diversity)")
+    for axis, title in zip(axes, titles):
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("classifier scale s  /  classifier-free w - 1")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m minildm.experiments.guidance", description=__doc__.split("\n")[0])
+    parser.add_argument("method", choices=sorted(MODELS))
+    parser.add_argument("--scales", required=True, help="comma-separated scales, e.g. 0,1,2,4,8")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--num", type=int, default=500, help="samples per scale (default 500)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--out", help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    scales = [float(s) for s in args.scales.split(",")]
+    report = sweep(args.method, scales, num=args.num, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                   batch_size=args.batch_size)
+    report["command"] = "python -m minildm.experiments.guidance " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
