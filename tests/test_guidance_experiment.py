@@ -1,0 +1,35 @@
+"""The guidance sweep (`python -m minildm.experiments.guidance`) on the shipped checkpoints, at a tiny size."""
+
+import json
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from minildm.experiments import guidance
+
+
+def test_classifier_sweep_shares_noise_across_scales_and_reports_every_metric(tmp_path):
+    report = guidance.main(["classifier", "--scales", "0,3", "--num", "4", "--steps", "2", "--batch-size", "2",
+                            "--out", str(tmp_path / "sweep.json")])
+    assert [row["scale"] for row in report["rows"]] == [0.0, 3.0]
+    assert set(guidance.METRICS) <= set(report["rows"][0])
+    assert report["command"].startswith("python -m minildm.experiments.guidance classifier --scales 0,3")
+    assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == report["rows"]
+    plain, _ = guidance.sample("classifier", 0.0, 4, steps=2, batch_size=2)
+    guided, labels = guidance.sample("classifier", 3.0, 4, steps=2, batch_size=2)
+    assert labels.tolist() == [0, 1, 2, 3]
+    assert not torch.allclose(plain, guided)  # same x_T, the guidance moved the samples
+
+
+def test_classifier_free_sweep_and_plot():
+    report = guidance.sweep("free", [1.0, 2.0], num=4, steps=2, batch_size=4, verbose=False)
+    assert report["scale_convention"].startswith("classifier-free w: 1 = none")
+    figure = guidance.plot_sweeps({"free": report, "classifier": {**report, "method": "classifier"}})
+    assert [axis.get_xlabel() for axis in figure.axes] == ["classifier scale s  /  classifier-free w - 1"] * 3
+    # classifier-free w is drawn at w - 1: the same strength as classifier scale s (minildm.guidance)
+    assert list(figure.axes[0].lines[0].get_xdata()) == [0.0, 1.0]
+    assert list(figure.axes[0].lines[1].get_xdata()) == [1.0, 2.0]
+    plt.close(figure)
+    with pytest.raises(ValueError, match="unknown method 'clip'"):
+        guidance.sweep("clip", [1.0], num=2)
