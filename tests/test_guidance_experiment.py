@@ -33,3 +33,9 @@ def test_classifier_free_sweep_and_plot():
     plt.close(figure)
     with pytest.raises(ValueError, match="unknown method 'clip'"):
         guidance.sweep("clip", [1.0], num=2)
+
+
+def test_implicit_classifier_rows():
+    rows = guidance.implicit_classifier(num=6, timesteps=(300, 900))
+    assert [row["t"] for row in rows] == [300, 900]
+    assert all(-1 <= row["cosine"] <= 1 and row["norm_ratio"] > 0 for row in rows)

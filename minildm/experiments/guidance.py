@@ -101,6 +101,39 @@ def sweep(method: str, scales, *, num=500, sampler="ddim", steps=50, seed=0, bat
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"}
 
 
+def implicit_classifier(num: int = 200, timesteps=(50, 150, 300, 500, 700, 900), *, seed: int = 0) -> list[dict]:
+    """How alike are ddpm-shapes-cond's implicit classifier and shapes-classifier? One row per t.
+
+    On held-out shapes x0 (data seed 1) with their kinds y, at x_t = q_sample(x0, t):
+      implicit  g_imp = -(eps(x_t, y) - eps(x_t, null)) / sqrt(1 - a_t)   (what classifier-free guidance scales)
+      explicit  g_cls = ∇_x log p_phi(y | x_t, t)                          (what classifier guidance scales)
+    Returns per t: the mean cosine similarity of the two per image, and the ratio of their mean norms
+    |g_imp| / |g_cls|: classifier-free w moves eps like classifier guidance with s ≈ w · ratio would, when the
+    two point the same way (`minildm.guidance`, scale conventions).
+    """
+    from minildm import data, guidance
+
+    model, config = load_shipped(MODELS["free"])
+    classifier, _ = load_shipped(CLASSIFIER)
+    diffusion = minildm.build_diffusion(config)
+    images, kinds = data.ShapesDataset(num, config.unet.image_size, seed=1).tensors()
+    generator = torch.Generator().manual_seed(seed)
+    gradient = guidance.classifier_gradient(classifier, 1.0)
+    null = guidance.null_labels(num, config.unet.num_classes)
+    rows = []
+    for step in timesteps:
+        t = torch.full((num,), step)
+        x_t = diffusion.q_sample(images, t, torch.randn(images.shape, generator=generator))
+        with torch.no_grad():
+            eps_cond, eps_null = model(x_t, t, y=kinds), model(x_t, t, y=null)
+        implicit = -(eps_cond - eps_null).flatten(1) / (1 - diffusion.alpha_bar[step]) ** 0.5
+        explicit = gradient(x_t, t, y=kinds).flatten(1)
+        cosine = torch.nn.functional.cosine_similarity(implicit, explicit, dim=1)
+        rows.append({"t": step, "cosine": round(cosine.mean().item(), 4),
+                     "norm_ratio": round((implicit.norm(dim=1).mean() / explicit.norm(dim=1).mean()).item(), 4)})
+    return rows
+
+
 def plot_sweeps(reports: dict, axes=None):
     """Requested-kind accuracy, precision and recall against the scale, one line per sweep; returns the figure.
 
