@@ -20,7 +20,7 @@ The evaluator classifies kind x colour (35 classes, `data.ShapesDataset(label="k
 and was also trained to give a uniform prediction on noise and blank images (outlier exposure,
 Hendrycks et al. 2019), so `confident_fraction` counts samples that look like a clean shape.
 
-    python -m minildm.metrics train-evaluator              # retrain the shipped evaluator (~1 min CPU)
+    python -m minildm.metrics train-evaluator              # train an evaluator like the shipped one (~1 min CPU)
     python -m minildm.metrics score CHECKPOINT --num 256 --sampler ddim --steps 50
 """
 
@@ -213,9 +213,11 @@ def color_probs(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=1).view(len(logits), len(data.SHAPES), len(data.COLORS)).sum(dim=1)
 
 
-def _outliers(n: int, generator: torch.Generator) -> torch.Tensor:
-    """Images that are not shapes, [n, 3, 32, 32] in [-1, 1]: white noise, smooth noise, flat colours."""
-    size = EVALUATOR_SIZE
+def _outliers(n: int, generator: torch.Generator | None = None, size: int = EVALUATOR_SIZE) -> torch.Tensor:
+    """Images that are not shapes, [n, 3, size, size] in [-1, 1]: white noise, smooth noise, flat colours.
+
+    generator None draws from the global RNG (what the training loop seeds every step).
+    """
     which = torch.randint(3, (n, 1, 1, 1), generator=generator)
     scale = 0.2 + 0.8 * torch.rand(n, 1, 1, 1, generator=generator)
     white = scale * torch.randn(n, 3, size, size, generator=generator)
@@ -227,34 +229,58 @@ def _outliers(n: int, generator: torch.Generator) -> torch.Tensor:
     return images.clamp(-1, 1)
 
 
+def evaluator_objective(num_outliers: int = 16):
+    """The evaluator's loss for `train.train`, per example [N]: CE(model(x0)_i, y_i) + L_out (t and noise unused).
+
+    L_out = -mean_{j, c} log softmax(model(o_j))_c is the cross-entropy of `num_outliers` non-shape images o_j
+    (`_outliers`, drawn from the global RNG that the loop seeds from (seed, step): runs resume exactly) to the
+    uniform target (outlier exposure, Hendrycks et al. 2019, weight 1); the same for every example, so the batch
+    mean is mean CE + L_out.
+    """
+    def objective(model, x0, y, t, noise):
+        if y is None:
+            raise ValueError("the shapes evaluator trains on labelled data: give (image, kind x colour label) "
+                             'examples, e.g. data.ShapesDataset(..., label="kind_color")')
+        outliers = _outliers(num_outliers, size=x0.shape[-1]).to(x0)
+        logits = model(torch.cat([x0, outliers]))
+        loss = F.cross_entropy(logits[:len(x0)], y, reduction="none")
+        if num_outliers > 0:
+            loss = loss - logits[len(x0):].log_softmax(dim=1).mean()  # cross-entropy to the uniform target
+        return loss
+
+    return objective
+
+
 def train_evaluator(*, num_samples: int = 20_000, steps: int = 600, batch_size: int = 64, num_outliers: int = 16,
                     lr: float = 3e-3, seed: int = 0, log_every: int = 0) -> ShapesEvaluator:
-    """Train a `ShapesEvaluator` on `ShapesDataset(num_samples, 32, seed, label="kind_color")` (Adam, one-cycle lr).
+    """Train a `ShapesEvaluator` on `ShapesDataset(num_samples, 32, seed, label="kind_color")` with `train.train`.
 
-    Each step adds `num_outliers` non-shape images whose target is the uniform distribution
-    (cross-entropy to uniform, weight 1): the evaluator learns to be unsure of what is not a shape.
+    The recipe: AdamW (no weight decay, no clipping), `lr` after a linear warm-up of 10% of `steps`, then cosine
+    to 0; `evaluator_objective(num_outliers)` adds that many non-shape images per step with the uniform target,
+    so the evaluator learns to be unsure of what is not a shape. Returns the trained weights (eval mode).
+    The shipped data/checkpoints/shapes-evaluator.safetensors was trained by the earlier stand-alone loop (Adam,
+    one-cycle lr, batches drawn with replacement), so re-running does not reproduce that file bit for bit. This
+    loop, with the defaults, gives an evaluator of the same held-out accuracy (measured on 10,000 shapes of data
+    seed 1: kind, colour and kind x colour all 100%, as the shipped file; cross-entropy 0.0014 vs its 0.0016) in
+    44 s of one CPU thread (the shipped file's header: 49 s); its EMA weights score the same: the raw ones are returned.
     """
+    from minildm import train
+    from minildm.config import Config, TrainConfig
+
+    recipe = TrainConfig(batch_size=batch_size, lr=lr, weight_decay=0.0, warmup_steps=steps // 10,
+                         lr_schedule="cosine", lr_final=0.0, max_steps=steps, grad_clip=0.0, seed=seed,
+                         log_every=0, save_every=0, sample_every=0)
+
+    def report(step, loss):
+        if log_every and step % log_every == 0:
+            print(f"evaluator step {step}/{steps}: loss {loss:.4f}", flush=True)
+
     torch.manual_seed(seed)
-    dataset = data.ShapesDataset(num_samples, EVALUATOR_SIZE, seed=seed, label="kind_color")
-    images, labels = dataset.tensors()
     model = ShapesEvaluator()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(steps):
-        index = torch.randint(num_samples, (batch_size,), generator=generator)
-        outliers = _outliers(num_outliers, generator)
-        logits = model(torch.cat([images[index], outliers]))
-        loss = F.cross_entropy(logits[:batch_size], labels[index])
-        loss = loss - logits[batch_size:].log_softmax(dim=1).mean()  # cross-entropy to the uniform target
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"evaluator step {step + 1}/{steps}: loss {loss.item():.4f}", flush=True)
-    return model.eval().requires_grad_(False)
+    dataset = data.ShapesDataset(num_samples, EVALUATOR_SIZE, seed=seed, label="kind_color")
+    trained = train.train(Config(train=recipe), model=model, dataset=dataset,
+                          objective=evaluator_objective(num_outliers), resume=False, callback=report, verbose=False)
+    return trained.model.eval().requires_grad_(False)
 
 
 def save_evaluator(model: ShapesEvaluator, path=EVALUATOR_PATH, info: dict | None = None) -> Path:

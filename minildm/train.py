@@ -11,6 +11,7 @@ One step (DDPM Algorithm 1, with the usual engineering):
     loss    <- objective(model, x0, y, t, noise).mean()              what the model learns:
                `diffusion_objective`: diffusion.training_losses      L_simple / L_hybrid / L_vlb
                `noisy_classifier_objective`: CE(classifier(x_t, t), y)  ADM's noise-aware classifier
+               `metrics.evaluator_objective`: CE(net(x0), y) + outliers  the shapes evaluator (`train(model=...)`)
     AdamW step with linear warmup (then constant or cosine), gradient-norm clipping, mixed precision on CUDA
     ema     <- d * ema + (1 - d) * model, d = min(decay, (1+k)/(10+k))  the weights that are sampled
 
@@ -50,8 +51,9 @@ CHECKPOINT = "checkpoint.safetensors"
 
 # ---------------------------------------------------------------------------------------------
 # Objectives: what one step minimises. objective(model, x0, y, t, noise) -> per-example losses [N];
-# model(x, t, **kwargs) is the network (autocast applied), x0 [N, ...], y int64 [N] or None, t int64 [N],
-# noise like x0.
+# model(x, *args, **kwargs) is the network (autocast applied; a denoiser is called as model(x_t, t, ...)),
+# x0 [N, ...], y int64 [N] or None, t int64 [N], noise like x0. An objective may ignore t and noise (the shapes
+# evaluator's, `metrics.evaluator_objective`); its own random draws use the global RNG, seeded every step.
 
 
 def diffusion_objective(diffusion):
@@ -322,9 +324,9 @@ class StopOnSigint:
             self._previous = None
 
 
-def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, out_dir=None, device=None,
-          verbose=True, objective=None) -> Trained:
-    """Train `config`'s model on its data (or on `dataset`); returns `Trained(model, ema)`.
+def train(config, *, dataset=None, model=None, resume=True, max_steps=None, callback=None, out_dir=None,
+          device=None, verbose=True, objective=None) -> Trained:
+    """Train `config`'s model (or `model`) on its data (or on `dataset`); returns `Trained(model, ema)`.
 
     objective: what a step minimises, objective(model, x0, y, t, noise) -> losses [N] (see the objectives
     above); default `default_objective(config, diffusion)`: a denoiser's diffusion loss, or the noisy
@@ -333,6 +335,12 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
     dataset: your own data instead of config.data's: a tensor of images [N, C, H, W] in [-1, 1], an
     (images, labels) pair, or any map-style dataset whose items are an image, (image, label) or
     {"image", "label"} (`data.as_dataset`); images must match config.unet's in_channels and image_size.
+
+    model: an `nn.Module` to train (in place) instead of `minildm.build_model(config)`, e.g. a classifier of
+    clean images with its own `objective`; config then gives the recipe (train.*, data.* unless `dataset`) and
+    its network section is not consulted: examples are not checked against it (images only against [-1, 1]),
+    and the dataset's labels, if it has any, reach the objective as y unchanged. Sampling during training
+    (train.sample_every > 0) treats it as config's denoiser: keep 0 for any other network.
 
     resume: continue from `<out_dir>/checkpoint.safetensors` if it exists (False: start over).
     max_steps: total number of steps (overrides config.train.max_steps; a resumed run stops there too).
@@ -346,7 +354,8 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
     """
     from minildm import data
 
-    config_lib.validate(config, own_data=dataset is not None)
+    own_model = model is not None
+    config_lib.validate(config, own_data=dataset is not None or own_model)
     cfg = config.train
     total_steps = cfg.max_steps if max_steps is None else max_steps
     if not isinstance(total_steps, int) or total_steps < 0:
@@ -369,7 +378,7 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
 
         # Model, EMA copy, process, optimizer: identical on every process (same seed; DDP also broadcasts).
         torch.manual_seed(cfg.seed)
-        model = minildm.build_model(config).to(device)
+        model = (model if own_model else minildm.build_model(config)).to(device)
         if device.type == "cuda" and cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -394,9 +403,11 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
         dataset = data.build_dataset(config.data, train=True) if dataset is None else data.as_dataset(dataset)
         classes, classes_key = _label_count(config)
         conditional = classes > 0
-        check_examples(config, *dataset[0], conditional=conditional)
+        if own_model:  # labels pass through as y when the data has them (an unlabelled item reads -1)
+            conditional = int(dataset[0][1]) >= 0
+        check_examples(config, *dataset[0], conditional=conditional, own_model=own_model)
         dataset_classes = getattr(dataset, "num_classes", None)
-        if conditional and dataset_classes is not None and dataset_classes > classes:
+        if conditional and not own_model and dataset_classes is not None and dataset_classes > classes:
             raise ValueError(f"the dataset has {dataset_classes} classes but {classes_key}={classes}; "
                              f"set {classes_key}={dataset_classes}")
         objective = default_objective(config, diffusion) if objective is None else objective
@@ -412,10 +423,10 @@ def train(config, *, dataset=None, resume=True, max_steps=None, callback=None, o
             if env.world_size > 1 else model
         forward = torch.compile(ddp_model) if cfg.compile else ddp_model
 
-        def network(x_t, t, **kwargs):
+        def network(x, *args, **kwargs):
             # Mixed precision covers the network only; the loss is computed in float32.
             with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-                return forward(x_t, t, **kwargs).float()
+                return forward(x, *args, **kwargs).float()
 
         t_generator, noise_generator = torch.Generator(), torch.Generator(device)
         log_loss, log_count, log_time = torch.zeros((), device=device), 0, time.perf_counter()
@@ -512,8 +523,17 @@ def _label_count(config) -> tuple[int, str]:
     return 0, ""
 
 
-def check_examples(config, example: torch.Tensor, label=None, *, conditional: bool = False) -> None:
-    """Reject data the model cannot train on, with what to change: shape, range [-1, 1], labels."""
+def check_examples(config, example: torch.Tensor, label=None, *, conditional: bool = False,
+                   own_model: bool = False) -> None:
+    """Reject data the model cannot train on, with what to change: shape, range [-1, 1], labels.
+
+    own_model: the network is not config's (`train(model=...)`): only images ([C, H, W]) are checked, for the
+    range [-1, 1]; shape and labels are the network's and its objective's business.
+    """
+    if own_model:
+        if example.ndim == 3:
+            _check_range(example)
+        return
     if config.model in ("unet", "classifier"):
         net = getattr(config, config.model)
         expected = (net.in_channels, net.image_size, net.image_size)
@@ -523,10 +543,8 @@ def check_examples(config, example: torch.Tensor, label=None, *, conditional: bo
     if tuple(example.shape) != expected:
         raise ValueError(f"examples have shape {list(example.shape)} but the model expects {list(expected)} "
                          f"({what}); resize the data or set those config values")
-    low, high = example.min().item(), example.max().item()
-    if config.model != "mlp" and (low < -1.001 or high > 1.001):
-        hint = " (looks like [0, 255]: use x / 127.5 - 1)" if high > 2 else " (for [0, 1] data use 2 x - 1)"
-        raise ValueError(f"images must be in [-1, 1]; the first example spans [{low:.3g}, {high:.3g}]{hint}")
+    if config.model != "mlp":
+        _check_range(example)
     if conditional:
         classes, key = _label_count(config)
         label = int(label) if label is not None else -1
@@ -534,6 +552,13 @@ def check_examples(config, example: torch.Tensor, label=None, *, conditional: bo
             undo = "or set unet.num_classes=0" if config.model == "unet" else "(a classifier needs labelled data)"
             raise ValueError(f"the model takes labels ({key}={classes}) but the first example's label is {label}; "
                              f"give labels in [0, {classes}) {undo}")
+
+
+def _check_range(image: torch.Tensor) -> None:
+    low, high = image.min().item(), image.max().item()
+    if low < -1.001 or high > 1.001:
+        hint = " (looks like [0, 255]: use x / 127.5 - 1)" if high > 2 else " (for [0, 1] data use 2 x - 1)"
+        raise ValueError(f"images must be in [-1, 1]; the first example spans [{low:.3g}, {high:.3g}]{hint}")
 
 
 def _note_config_changes(saved: dict, config) -> None:

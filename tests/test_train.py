@@ -398,3 +398,66 @@ def test_generate_with_classifier_and_classifier_free_guidance():
         train.generate(unet, diffusion, uncond, 2, steps=2, classifier_scale=3.0)
     with pytest.raises(ValueError, match=r"one label per sample \(\[2\]\)"):
         train.generate(cond_unet, diffusion, cond, 2, steps=2, y=[0, 1, 2])
+
+
+# ---------------------------------------------------------------------- a network of your own (train(model=...))
+
+
+class TinyClassifier(torch.nn.Module):
+    """A linear classifier of 8x8 images: nothing like config's UNet, and called without t."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def cross_entropy_objective(seen):
+    def objective(model, x0, y, t, noise):
+        seen.append(y)
+        return torch.nn.functional.cross_entropy(model(x0), y, reduction="none")
+    return objective
+
+
+def test_train_a_network_of_your_own_not_configs(tmp_path):
+    """model= trains that network in place with config's recipe; config.unet (16x16, unconditional) is not
+    consulted: 8x8 images pass, and the labels reach the objective unchanged. The loss falls."""
+    images = torch.rand(24, 3, 8, 8) * 2 - 1
+    labels = torch.arange(24) % 4
+    images[:, 0] += 0.5 * (labels[:, None, None] - 1.5)  # the class is in the first channel's mean
+    images = images.clamp(-1, 1)
+    seen, losses = [], []
+    model = TinyClassifier()
+    trained = train.train(tiny_unet_config(), model=model, dataset=(images, labels), max_steps=30, verbose=False,
+                          out_dir=tmp_path, objective=cross_entropy_objective(seen),
+                          callback=lambda step, loss: losses.append(loss))
+    assert trained.model is model and not model.training
+    assert len(seen) == 30 and all(y.shape == (8,) and set(y.tolist()) <= {0, 1, 2, 3} for y in seen)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    # unlabelled data reaches the objective as y=None; images must still be in [-1, 1]
+    nones = []
+    train.train(tiny_unet_config(), model=TinyClassifier(), dataset=images, max_steps=1, verbose=False,
+                out_dir=tmp_path, resume=False, objective=lambda m, x0, y, t, noise: nones.append(y) or m(x0).sum(1))
+    assert nones == [None]
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        train.train(tiny_unet_config(), model=TinyClassifier(), dataset=images * 200, max_steps=1, verbose=False,
+                    out_dir=tmp_path, resume=False, objective=cross_entropy_objective([]))
+
+
+def test_a_network_of_your_own_resumes_bit_for_bit(tmp_path):
+    images, labels = torch.rand(24, 3, 8, 8) * 2 - 1, torch.arange(24) % 4
+
+    def run(out, steps):
+        torch.manual_seed(0)
+        return train.train(tiny_unet_config(), model=TinyClassifier(), dataset=(images, labels), max_steps=steps,
+                           verbose=False, out_dir=tmp_path / out, objective=cross_entropy_objective([]))
+
+    straight = run("straight", 7)
+    run("resumed", 4)
+    torch.manual_seed(123)  # a different initialisation: the checkpoint's weights replace it
+    resumed = train.train(tiny_unet_config(), model=TinyClassifier(), dataset=(images, labels), max_steps=7,
+                          verbose=False, out_dir=tmp_path / "resumed", objective=cross_entropy_objective([]))
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
