@@ -443,3 +443,166 @@ def check_largest_respaced_beta(largest_beta) -> None:
     if abs(value.item() - expected) > 5e-4:
         raise NotYet(f"{value.item():.4g} is not the largest beta' of the 'ddim25' chain on the cosine schedule. "
                      "Hint: compute all 25 with your respaced_betas and take the largest")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 04: guidance
+
+
+def _guidance_steps_04(seed: int):
+    """(what, process, x_t, t, t_prev, p_mean_variance dict, gradient) for the chapter-04 checks: float64, the
+    cosine process (T = 1000), a fixed and a learned variance, early, middle and late steps, and a jump."""
+    from minildm import guidance  # noqa: F401  (the checks below compare with it)
+
+    g = torch.Generator().manual_seed(seed)
+    betas = schedules.beta_schedule("cosine", 1000)
+    for variance in ("fixed_large", "learned_range"):
+        process = diffusion.GaussianDiffusion(betas, model_var_type=variance,
+                                              loss_type="hybrid" if variance == "learned_range" else "simple")
+        for t, t_prev in [(999, 998), (500, 499), (40, 39), (700, 660)]:
+            x_t = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+            channels = 6 if variance == "learned_range" else 3
+            model_output = torch.randn(4, channels, 8, 8, generator=g, dtype=torch.float64)
+            if variance == "learned_range":
+                model_output[:, 3:] = model_output[:, 3:].tanh()  # the variance channels live in [-1, 1]
+            gradient = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+            t_batch, t_prev_batch = torch.full((4,), t), torch.full((4,), t_prev)
+            out = process.p_mean_variance(model_output, x_t, t_batch, t_prev_batch, clip_denoised=False)
+            yield (f"step {t} -> {t_prev} with model_var_type={variance!r}", process, x_t, t_batch, t_prev_batch,
+                   out, gradient)
+
+
+@_exercise("Exercise 1a (guided_mean)")
+def check_guided_mean(guided_mean) -> None:
+    """guided_mean(mean, variance, gradient) -> the mean of a classifier-guided ancestral step (ADM Algorithm 1).
+
+    Compared with `guidance.condition_mean` for fixed and learned variances at several steps (float64).
+    """
+    from minildm import guidance
+
+    for what, _, _, _, _, out, gradient in _guidance_steps_04(seed=401):
+        expected = guidance.condition_mean(out, gradient)["mean"]
+        mean, variance = out["mean"], out["variance"]
+        mine = guided_mean(mean.clone(), variance.clone(), gradient.clone())
+        _compare(mine, expected, f"guided_mean(mean, variance, gradient) at the {what}",
+                 "Algorithm 1 moves the mean along the gradient, scaled by the step's covariance Sigma",
+                 mistakes=[(mean + gradient, "the shift is Sigma times the gradient: you forgot the variance"),
+                           (mean + variance.sqrt() * gradient,
+                            "Sigma is the variance, not the standard deviation"),
+                           (mean - variance * gradient, "guidance moves *up* the gradient of log p(y | x_t)")])
+
+
+@_exercise("Exercise 1b (guided_eps)")
+def check_guided_eps(guided_eps) -> None:
+    """guided_eps(eps, gradient, alpha_bar_t) -> eps' of a classifier-guided DDIM step (ADM Algorithm 2).
+
+    Compared with the eps that `guidance.condition_score` derives (its pred_eps) at several steps (float64);
+    alpha_bar_t is a float.
+    """
+    from minildm import guidance
+
+    for what, process, x_t, t, t_prev, out, gradient in _guidance_steps_04(seed=402):
+        eps = out["pred_eps"]
+        expected = guidance.condition_score(process, out, x_t, t, t_prev, gradient)["pred_eps"]
+        a = float(process.alpha_bar[int(t[0])])
+        mine = guided_eps(eps.clone(), gradient.clone(), a)
+        _compare(mine, expected, f"guided_eps(eps, gradient, alpha_bar_t) at the {what}",
+                 "eps is -sqrt(1 - alpha_bar_t) times the score: subtract sqrt(1 - alpha_bar_t) times the gradient",
+                 mistakes=[(eps - math.sqrt(a) * gradient, "the factor is sqrt(1 - alpha_bar_t), not sqrt(alpha_bar_t)"),
+                           (eps - (1 - a) * gradient, "the factor is the standard deviation sqrt(1 - alpha_bar_t) "
+                            "of q(x_t | x0), not its variance"),
+                           (eps + math.sqrt(1 - a) * gradient, "eps points *against* the score (eps = "
+                            "-sqrt(1 - alpha_bar) grad log p): the gradient is subtracted"),
+                           (eps - gradient / math.sqrt(1 - a), "multiply by sqrt(1 - alpha_bar_t); dividing turns "
+                            "a score into eps the wrong way round")], rtol=1e-6, atol=1e-8)
+
+
+def _labelled_model_04(num_classes: int, out_channels: int, seed: int):
+    """A fixed random class-conditional 'network' on [N, 3, H, W] whose output differs for each label,
+    including the null label `num_classes`."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.randn(num_classes + 1, out_channels, generator=g, dtype=torch.float64)
+    shift = torch.randn(num_classes + 1, out_channels, generator=g, dtype=torch.float64)
+
+    def model(x_t, t, y):
+        x = x_t.repeat(1, out_channels // x_t.shape[1], 1, 1)
+        return torch.tanh(scale[y][:, :, None, None] * x + shift[y][:, :, None, None])
+    return model
+
+
+@_exercise("Exercise 2 (classifier_free_output)")
+def check_classifier_free_output(classifier_free_output) -> None:
+    """classifier_free_output(out_cond, out_uncond, guidance_scale, channels) -> the guided network output.
+
+    Compared with `guidance.classifier_free` for an eps-only output (C channels) and a learned-sigma one
+    (2C channels), guidance_scale w = 0, 1, 2.5 and 7.5 (1: none, 0: unconditional).
+    """
+    from minildm import guidance
+
+    g = torch.Generator().manual_seed(403)
+    x_t = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    t, y = torch.full((6,), 300), torch.arange(6) % 5
+    null = guidance.null_labels(1, 5)
+    for out_channels in (3, 6):
+        model = _labelled_model_04(5, out_channels, seed=404 + out_channels)
+        out_cond, out_uncond = model(x_t, t, y), model(x_t, t, null.expand(6))
+        for w in (2.5, 7.5, 1.0, 0.0):
+            expected = guidance.classifier_free(model, w, {"y": null})(x_t, t, y=y)
+            mine = classifier_free_output(out_cond.clone(), out_uncond.clone(), w, 3)
+            what = "learned sigma: 6 output channels" if out_channels == 6 else "3 output channels (eps only)"
+            everything = out_uncond + w * (out_cond - out_uncond)
+            _compare(mine, expected, f"classifier_free_output(out_cond, out_uncond, {w:g}, channels=3) with {what}",
+                     "eps_u + w (eps_c - eps_u): w = 1 gives the conditional output, w = 0 the unconditional one",
+                     mistakes=[(everything, "only the first `channels` channels are eps; the variance channels "
+                                "are not guided, they are the conditional pass's"),
+                               (torch.cat([everything[:, :3], out_uncond[:, 3:]], dim=1),
+                                "the variance channels come from the *conditional* pass"),
+                               (out_cond + w * (out_cond - out_uncond),
+                                "in this convention w = 1 means no guidance: start from eps_u, not eps_c")])
+
+
+def _small_classifier_04(seed: int):
+    """A fixed random two-layer classifier(x_t [N, 3, 4, 4], t [N]) -> logits [N, 5] that depends on t."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(48, 32, generator=g, dtype=torch.float64) / 48**0.5
+    w2 = torch.randn(32, 5, generator=g, dtype=torch.float64) / 32**0.5
+    time_shift = torch.randn(1000, 32, generator=g, dtype=torch.float64)
+
+    def classifier(x_t, t):
+        return torch.tanh(x_t.flatten(1) @ w1 + time_shift[t]) @ w2
+    return classifier
+
+
+@_exercise("Exercise 3 (log_prob_gradient)")
+def check_log_prob_gradient(log_prob_gradient) -> None:
+    """log_prob_gradient(classifier, x_t, t, y, scale) -> scale · ∇_x log p(y | x_t, t), shaped like x_t.
+
+    Compared with `guidance.classifier_gradient(classifier, scale)(x_t, t, y=y)` for a random two-layer
+    classifier, several timesteps and scales; called under torch.no_grad(), as the samplers call cond_fn.
+    """
+    from minildm import guidance
+
+    classifier = _small_classifier_04(seed=405)
+    g = torch.Generator().manual_seed(406)
+    for t_value, scale in [(900, 1.0), (300, 4.0), (20, 0.5)]:
+        x_t = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+        t, y = torch.full((6,), t_value), torch.randint(5, (6,), generator=g)
+        expected = guidance.classifier_gradient(classifier, scale)(x_t, t, y=y)
+
+        def gradient_of(select):  # the gradient of a wrong objective, for the hints
+            with torch.enable_grad():
+                x = x_t.detach().requires_grad_(True)
+                return torch.autograd.grad(select(classifier(x, t)).sum(), x)[0]
+        rows = torch.arange(6)
+        with torch.no_grad():
+            mine = log_prob_gradient(classifier, x_t.clone(), t, y, scale)
+        _compare(mine, expected, f"log_prob_gradient(classifier, x_t, t={t_value}, y, scale={scale:g})",
+                 "differentiate log_softmax(classifier(x_t, t))[y] with respect to x_t (enable gradients inside)",
+                 mistakes=[(scale * gradient_of(lambda z: z[rows, y]),
+                            "differentiate the *log-probability* log_softmax(logits)[y], not the logit"),
+                           (scale * gradient_of(lambda z: z.softmax(-1)[rows, y]),
+                            "differentiate the log of the probability, not the probability"),
+                           (gradient_of(lambda z: z.log_softmax(-1)[rows, y]) if scale != 1 else torch.full_like(
+                               x_t, float("nan")), "multiply by the scale s"),
+                           (scale * gradient_of(lambda z: z.log_softmax(-1)),
+                            "take the log-probability of the requested class y only")])

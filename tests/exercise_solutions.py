@@ -101,3 +101,30 @@ def respaced_betas(alpha_bar, kept):
 
 LARGEST_RESPACED_BETA = round(float(respaced_betas(
     schedules.alpha_bar(schedules.beta_schedule("cosine", 1000)), schedules.space_timesteps(1000, "ddim25")).max()), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 04: guidance
+
+
+def guided_mean(mean, variance, gradient):
+    # ADM Algorithm 1: x_{t-1} ~ N(mu + Sigma g, Sigma), g = s grad log p(y | x_t).
+    return mean + variance * gradient
+
+
+def guided_eps(eps, gradient, alpha_bar_t):
+    # ADM Algorithm 2: eps = -sqrt(1 - a) * score, so adding g to the score subtracts sqrt(1 - a) g from eps.
+    return eps - math.sqrt(1 - alpha_bar_t) * gradient
+
+
+def classifier_free_output(out_cond, out_uncond, guidance_scale, channels):
+    eps = out_uncond[:, :channels] + guidance_scale * (out_cond[:, :channels] - out_uncond[:, :channels])
+    return torch.cat([eps, out_cond[:, channels:]], dim=1)  # learned-variance channels: the conditional pass's
+
+
+def log_prob_gradient(classifier, x_t, t, y, scale):
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        log_probs = torch.log_softmax(classifier(x, t), dim=-1)
+        selected = log_probs[torch.arange(len(y)), y]
+        return scale * torch.autograd.grad(selected.sum(), x)[0]

@@ -257,3 +257,120 @@ def test_chapter_02_checks_take_the_notebook_model_and_process(capsys):
         assert check(solution, model=model, process=process) is True
         assert check(stub, model=model, process=process) is False
     assert check(ddim_ignoring_eta, model=model, process=process) is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 04: guidance
+
+
+def guided_mean_without_variance(mean, variance, gradient):
+    return mean + gradient
+
+
+def guided_mean_with_std(mean, variance, gradient):
+    return mean + variance.sqrt() * gradient
+
+
+def guided_mean_downhill(mean, variance, gradient):
+    return mean - variance * gradient
+
+
+def guided_eps_sqrt_alpha_bar(eps, gradient, alpha_bar_t):
+    return eps - math.sqrt(alpha_bar_t) * gradient
+
+
+def guided_eps_variance(eps, gradient, alpha_bar_t):
+    return eps - (1 - alpha_bar_t) * gradient
+
+
+def guided_eps_plus(eps, gradient, alpha_bar_t):
+    return eps + math.sqrt(1 - alpha_bar_t) * gradient
+
+
+def cfg_guiding_variance_channels(out_cond, out_uncond, guidance_scale, channels):
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def cfg_uncond_variance(out_cond, out_uncond, guidance_scale, channels):
+    eps = out_uncond[:, :channels] + guidance_scale * (out_cond[:, :channels] - out_uncond[:, :channels])
+    return torch.cat([eps, out_uncond[:, channels:]], dim=1)
+
+
+def cfg_from_conditional(out_cond, out_uncond, guidance_scale, channels):  # w = 0 would be "no guidance"
+    eps = out_cond[:, :channels] + guidance_scale * (out_cond[:, :channels] - out_uncond[:, :channels])
+    return torch.cat([eps, out_cond[:, channels:]], dim=1)
+
+
+def cfg_eps_only(out_cond, out_uncond, guidance_scale, channels):  # drops the variance channels
+    return out_uncond[:, :channels] + guidance_scale * (out_cond[:, :channels] - out_uncond[:, :channels])
+
+
+def _gradient_of(select, classifier, x_t, t):
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        return torch.autograd.grad(select(classifier(x, t)).sum(), x)[0]
+
+
+def gradient_of_logit(classifier, x_t, t, y, scale):
+    return scale * _gradient_of(lambda z: z[torch.arange(len(y)), y], classifier, x_t, t)
+
+
+def gradient_of_probability(classifier, x_t, t, y, scale):
+    return scale * _gradient_of(lambda z: z.softmax(-1)[torch.arange(len(y)), y], classifier, x_t, t)
+
+
+def gradient_without_scale(classifier, x_t, t, y, scale):
+    return _gradient_of(lambda z: z.log_softmax(-1)[torch.arange(len(y)), y], classifier, x_t, t)
+
+
+def gradient_without_enable_grad(classifier, x_t, t, y, scale):  # fails under the samplers' no_grad
+    x = x_t.detach().requires_grad_(True)
+    selected = torch.log_softmax(classifier(x, t), dim=-1)[torch.arange(len(y)), y]
+    return scale * torch.autograd.grad(selected.sum(), x)[0]
+
+
+CASES_04 = {
+    "guided_mean": (exercises.check_guided_mean, solutions.guided_mean,
+                    [guided_mean_without_variance, guided_mean_with_std, guided_mean_downhill]),
+    "guided_eps": (exercises.check_guided_eps, solutions.guided_eps,
+                   [guided_eps_sqrt_alpha_bar, guided_eps_variance, guided_eps_plus]),
+    "classifier_free_output": (exercises.check_classifier_free_output, solutions.classifier_free_output,
+                               [cfg_guiding_variance_channels, cfg_uncond_variance, cfg_from_conditional,
+                                cfg_eps_only]),
+    "log_prob_gradient": (exercises.check_log_prob_gradient, solutions.log_prob_gradient,
+                          [gradient_of_logit, gradient_of_probability, gradient_without_scale,
+                           gradient_without_enable_grad]),
+}
+MISTAKES_04 = [(name, mistake) for name, (_, _, mistakes) in CASES_04.items() for mistake in mistakes]
+
+
+@pytest.mark.parametrize("name", list(CASES_04))
+def test_chapter_04_check_accepts_the_reference_solution(name, capsys):
+    check, solution, _ = CASES_04[name]
+    assert check(solution) is True
+    assert ": correct" in verdict(capsys)
+
+
+@pytest.mark.parametrize("name, mistake", MISTAKES_04, ids=[f"{name}-{m.__name__}" for name, m in MISTAKES_04])
+def test_chapter_04_check_rejects_a_typical_mistake(name, mistake, capsys):
+    check = CASES_04[name][0]
+    assert check(mistake) is False
+    assert ": not yet: " in verdict(capsys)
+
+
+@pytest.mark.parametrize("name", list(CASES_04))
+def test_chapter_04_check_answers_the_stub_without_raising(name, capsys):
+    assert CASES_04[name][0](stub) is False
+    assert verdict(capsys).endswith("not attempted yet: fill in the cell above")
+
+
+def test_chapter_04_hints_name_the_mistake(capsys):
+    exercises.check_guided_mean(guided_mean_without_variance)
+    exercises.check_guided_eps(guided_eps_sqrt_alpha_bar)
+    exercises.check_classifier_free_output(cfg_guiding_variance_channels)
+    exercises.check_log_prob_gradient(gradient_of_logit)
+    out = capsys.readouterr().out.splitlines()
+    assert "forgot the variance" in out[0]
+    assert "not sqrt(alpha_bar_t)" in out[1]
+    assert "variance channels are not guided" in out[2]
+    assert "log-probability" in out[3]
