@@ -22,14 +22,23 @@ def test_classifier_sweep_shares_noise_across_scales_and_reports_every_metric(tm
     assert not torch.allclose(plain, guided)  # same x_T, the guidance moved the samples
 
 
-def test_classifier_free_sweep_and_plot():
+def test_classifier_free_sweep_seeds_and_plot():
     report = guidance.sweep("free", [1.0, 2.0], num=4, steps=2, batch_size=4, verbose=False)
+    other = guidance.sweep("free", [1.0, 2.0], num=4, steps=2, batch_size=4, seed=1000, verbose=False)
     assert report["scale_convention"].startswith("classifier-free w: 1 = none")
-    figure = guidance.plot_sweeps({"free": report, "classifier": {**report, "method": "classifier"}})
+    combined = guidance.combine_seeds([report, other])
+    assert combined["num_seeds"] == 2 and combined["seeds"] == [0, 1000]
+    for row, a, b in zip(combined["rows"], report["rows"], other["rows"]):
+        assert row["precision"] == pytest.approx((a["precision"] + b["precision"]) / 2)
+        assert row["precision_sd"] == pytest.approx(abs(a["precision"] - b["precision"]) / 2 ** 0.5)
+    with pytest.raises(ValueError, match="same scales"):
+        guidance.combine_seeds([report, {**other, "rows": other["rows"][:1]}])
+    figure = guidance.plot_sweeps({"free": [report, other], "classifier": {**report, "method": "classifier"}})
     assert [axis.get_xlabel() for axis in figure.axes] == ["classifier scale s  /  classifier-free w - 1"] * 3
     # classifier-free w is drawn at w - 1: the same strength as classifier scale s (minildm.guidance)
-    assert list(figure.axes[0].lines[0].get_xdata()) == [0.0, 1.0]
-    assert list(figure.axes[0].lines[1].get_xdata()) == [1.0, 2.0]
+    free_line, classifier_line = (container.lines[0] for container in figure.axes[0].containers)
+    assert list(free_line.get_xdata()) == [0.0, 1.0] and list(classifier_line.get_xdata()) == [1.0, 2.0]
+    assert figure.axes[0].get_legend_handles_labels()[1] == ["free (2 seeds)", "classifier"]
     plt.close(figure)
     with pytest.raises(ValueError, match="unknown method 'clip'"):
         guidance.sweep("clip", [1.0], num=2)

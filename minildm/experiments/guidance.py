@@ -38,10 +38,10 @@ CLASSIFIER = "shapes-classifier"
 METRICS = ("requested_kind_accuracy", "precision", "recall", "frechet_distance_to_real", "kernel_distance_to_real",
            "confident_fraction")
 CLAIMS = {
-    "classifier": "ADM Sec. 4.1 / Fig. 4: raising the classifier scale trades diversity (recall) for fidelity "
-                  "(precision, and how often the sample is the requested class).",
-    "free": "Ho & Salimans 2021 / GLIDE: classifier-free guidance makes the same trade with no classifier: "
-            "precision and class fidelity rise and recall falls as w grows above 1.",
+    "classifier": "ADM Sec. 4.3, Fig. 4 / Tab. 4: raising the classifier scale trades diversity (recall) for "
+                  "fidelity (precision, and how often the sample is the requested class).",
+    "free": "Ho & Salimans 2021 (Fig. 2, Tab. 1) / GLIDE: classifier-free guidance makes the same trade with no "
+            "classifier: precision and class fidelity rise and recall falls as w grows above 1.",
 }
 
 
@@ -134,11 +134,30 @@ def implicit_classifier(num: int = 200, timesteps=(50, 150, 300, 500, 700, 900),
     return rows
 
 
+def combine_seeds(reports) -> dict:
+    """One report from sweeps of the same scales with different seeds: each metric's mean, and its standard
+    deviation over the seeds as `<metric>_sd` (0 for a single seed); `num_seeds` says how many."""
+    reports = reports if isinstance(reports, (list, tuple)) else [reports]
+    scales = [row["scale"] for row in reports[0]["rows"]]
+    if any([row["scale"] for row in report["rows"]] != scales for report in reports):
+        raise ValueError("the sweeps to combine must have the same scales")
+    rows = []
+    for i, scale in enumerate(scales):
+        row = {"scale": scale}
+        for key in METRICS:
+            values = torch.tensor([report["rows"][i][key] for report in reports], dtype=torch.float64)
+            row[key] = values.mean().item()
+            row[f"{key}_sd"] = values.std().item() if len(values) > 1 else 0.0
+        rows.append(row)
+    return {**reports[0], "rows": rows, "num_seeds": len(reports), "seeds": [report["seed"] for report in reports]}
+
+
 def plot_sweeps(reports: dict, axes=None):
     """Requested-kind accuracy, precision and recall against the scale, one line per sweep; returns the figure.
 
-    reports: {label: sweep report}. Classifier scales s and classifier-free w - 1 share the x axis (the two
-    are the same guidance strength on the model's own classifier, `minildm.guidance`).
+    reports: {label: sweep report, or a list of the same sweep with different seeds (drawn as the mean with
+    error bars of ± one standard deviation over the seeds)}. Classifier scales s and classifier-free w - 1
+    share the x axis (the same strength on the model's own classifier, `minildm.guidance`).
     """
     import matplotlib.pyplot as plt
 
@@ -146,10 +165,14 @@ def plot_sweeps(reports: dict, axes=None):
         figure, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     figure = axes[0].figure
     for label, report in reports.items():
+        report = combine_seeds(report)
         shift = 1 if report["method"] == "free" else 0
         x = [row["scale"] - shift for row in report["rows"]]
+        if report["num_seeds"] > 1:
+            label = f"{label} ({report['num_seeds']} seeds)"
         for axis, key in zip(axes, ("requested_kind_accuracy", "precision", "recall")):
-            axis.plot(x, [row[key] for row in report["rows"]], "o-", label=label)
+            axis.errorbar(x, [row[key] for row in report["rows"]], yerr=[row[f"{key}_sd"] for row in report["rows"]],
+                          fmt="o-", capsize=3, markersize=4, label=label)
     titles = ("requested kind (fidelity to y)", "precision (fidelity)", "recall (diversity)")
     for axis, title in zip(axes, titles):
         axis.set_title(title, fontsize=10)
