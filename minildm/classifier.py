@@ -31,7 +31,8 @@ from torch import nn
 from minildm.attention import AttentionBlock, num_heads_for, qkv_attention
 from minildm.config import ClassifierConfig
 from minildm.layers import normalization, timestep_embedding_adm, zero_module
-from minildm.unet import Downsample, ResBlock, TimestepEmbedSequential, _autocast, convert_official_state_dict
+from minildm.unet import (Downsample, ResBlock, TimestepEmbedSequential, check_image_input, check_levels,
+                          convert_official_state_dict, original_shared_fields)
 
 POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
 SPATIAL_WIDTH = 2048  # hidden width of the "spatial" heads, fixed in guided-diffusion
@@ -151,34 +152,12 @@ class Classifier(nn.Module):
     def _check_inputs(self, x_t, t) -> torch.Tensor:
         """Raise a ValueError that says what to change; return t as a [N] tensor."""
         cfg = self.config
-        if not isinstance(x_t, torch.Tensor) or x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
-            shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
-            raise ValueError(f"x_t must be [N, {cfg.in_channels}, H, W] (classifier.in_channels={cfg.in_channels}); "
-                             f"got {shape}")
+        t = check_image_input(x_t, t, self.input_blocks[0][0].weight, in_channels=cfg.in_channels,
+                              levels=len(cfg.channel_mult), section="classifier", name="classifier")
         if cfg.pool == "attention" and tuple(x_t.shape[-2:]) != (cfg.image_size, cfg.image_size):
             raise ValueError(f"x_t must be {cfg.image_size}x{cfg.image_size} (classifier.image_size): the attention "
                              f"pool's positional embedding fixes the side; got {tuple(x_t.shape[-2:])}. Resize the "
                              "images, or use pool='adaptive' for other sizes")
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if x_t.shape[-1] % factor or x_t.shape[-2] % factor:
-            raise ValueError(f"image side {tuple(x_t.shape[-2:])} is not divisible by {factor}, which this "
-                             f"classifier's {len(cfg.channel_mult)} levels need; resize to a multiple of {factor}")
-        weight = self.input_blocks[0][0].weight
-        if not x_t.is_floating_point():
-            raise ValueError(f"x_t must be a float tensor, got {x_t.dtype}; images go in as floats in [-1, 1] "
-                             "(uint8: x.float() / 127.5 - 1), noised to x_t")
-        if x_t.device != weight.device:
-            raise ValueError(f"x_t is on {x_t.device} but the classifier is on {weight.device}; move one of them "
-                             f"(x_t.to('{weight.device}') or classifier.to('{x_t.device}'))")
-        if x_t.dtype != weight.dtype and not _autocast(x_t.device.type):
-            raise ValueError(f"x_t is {x_t.dtype} but the classifier's weights are {weight.dtype}; convert one of "
-                             f"them, or run under torch.autocast")
-        n = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"t must be a scalar or have shape [{n}] (one timestep per sample); got {tuple(t.shape)}")
         return t
 
 
@@ -189,20 +168,7 @@ def _check_config(config: ClassifierConfig) -> None:
     if config.pool == "attention" and config.num_head_channels <= 0:
         raise ValueError("classifier.pool='attention' needs classifier.num_head_channels > 0 (the attention pool's "
                          "heads are channels // num_head_channels; ADM uses 64)")
-    if not config.channel_mult:
-        raise ValueError("classifier.channel_mult must name at least one level, e.g. (1, 2, 3, 4)")
-    factor = 2 ** (len(config.channel_mult) - 1)
-    if config.image_size % factor:
-        raise ValueError(f"classifier.image_size={config.image_size} must be divisible by 2^(levels-1) = {factor} "
-                         f"for channel_mult={config.channel_mult}")
-    sides = [config.image_size // 2**level for level in range(len(config.channel_mult))]
-    unreached = [r for r in config.attention_resolutions if r not in sides]
-    if unreached:
-        raise ValueError(f"classifier.attention_resolutions {unreached} are not feature-map sides of this "
-                         f"classifier (sides are {sides}); they are sides like 16 (=16x16), not factors")
-    for mult in config.channel_mult:
-        if int(mult * config.channels) != mult * config.channels:
-            raise ValueError(f"channel_mult {mult} x channels {config.channels} is not a whole number of channels")
+    check_levels(config, "classifier", "classifier")
 
 
 def config_from_original(kwargs: dict) -> ClassifierConfig:
@@ -210,22 +176,5 @@ def config_from_original(kwargs: dict) -> ClassifierConfig:
 
     The originals' attention *downsample factors* become feature-map sides (side = image_size // factor).
     """
-    image_size = kwargs["image_size"]
-    return ClassifierConfig(
-        image_size=image_size,
-        in_channels=kwargs["in_channels"],
-        out_channels=kwargs["out_channels"],
-        channels=kwargs["model_channels"],
-        channel_mult=tuple(kwargs.get("channel_mult", (1, 2, 4, 8))),
-        num_res_blocks=kwargs["num_res_blocks"],
-        attention_resolutions=tuple(image_size // ds for ds in kwargs["attention_resolutions"]),
-        dropout=kwargs.get("dropout", 0.0),
-        num_heads=kwargs.get("num_heads", 1),
-        num_head_channels=kwargs.get("num_head_channels", -1),
-        use_scale_shift_norm=kwargs.get("use_scale_shift_norm", False),
-        resblock_updown=kwargs.get("resblock_updown", False),
-        use_new_attention_order=kwargs.get("use_new_attention_order", False),
-        conv_resample=kwargs.get("conv_resample", True),
-        pool=kwargs.get("pool", "adaptive"),
-        use_checkpoint=kwargs.get("use_checkpoint", False),
-    )
+    return ClassifierConfig(**original_shared_fields(kwargs), in_channels=kwargs["in_channels"],
+                            out_channels=kwargs["out_channels"], pool=kwargs.get("pool", "adaptive"))

@@ -234,6 +234,18 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
         need(ok, key, value, f"must be a finite number in {interval}" if high is not None
              else f"must be a finite number {'>' if open_low else '>='} {low}")
 
+    def fits_its_data(section, net, extra_widths=()):  # the UNet's and the classifier's shared checks
+        if net.channels > 0 and net.norm_groups > 0:
+            widths = sorted({net.channels} | {int(net.channels * m) for m in net.channel_mult if m > 0})
+            widths += list(extra_widths)
+            bad = [w for w in widths if w % net.norm_groups]
+            need(not bad, f"{section}.norm_groups", net.norm_groups,
+                 f"must divide every level's width {widths} (it does not divide {bad})")
+        if config.data.dataset != "toy2d" and not own_data:
+            need(net.image_size == config.data.image_size, f"{section}.image_size", net.image_size,
+                 f"must equal data.image_size={config.data.image_size} (the network sees the images it trains "
+                 "on); set both")
+
     from minildm import classifier, data, diffusion, schedules  # the lists of valid names live beside their code
 
     choice("model", config.model, MODELS)
@@ -255,19 +267,11 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
         need(not u.null_class or u.num_classes > 0, "unet.null_class", u.null_class,
              "needs a class-conditional network: set unet.num_classes > 0")
         number("unet.time_scale", u.time_scale, 0, open_low=True)
-        if u.channels > 0 and u.norm_groups > 0:
-            widths = sorted({u.channels} | {int(u.channels * m) for m in u.channel_mult if m > 0})
-            bad = [w for w in widths if w % u.norm_groups]
-            need(not bad, "unet.norm_groups", u.norm_groups, f"must divide every level's width {widths} "
-                                                               f"(it does not divide {bad})")
+        fits_its_data("unet", u)
         learned = config.diffusion.model_var_type == "learned_range"
         need(u.learn_sigma == learned, "unet.learn_sigma", u.learn_sigma,
              f"must be {learned} with diffusion.model_var_type={config.diffusion.model_var_type!r} (the network "
              "outputs the variance channels exactly when the variance is learned)")
-        if config.data.dataset != "toy2d" and not own_data:
-            need(u.image_size == config.data.image_size, "unet.image_size", u.image_size,
-                 f"must equal data.image_size={config.data.image_size} (the network samples at the size it "
-                 "trains on); set both")
         need(config.data.dataset != "toy2d" or own_data, "data.dataset", config.data.dataset,
              "holds 2-D points: use model=mlp for it (the UNet needs images)")
     elif config.model == "classifier":
@@ -286,17 +290,8 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
         need(c.pool != "attention" or c.num_head_channels > 0, "classifier.num_head_channels", c.num_head_channels,
              "must be > 0 with classifier.pool='attention' (its heads are channels // num_head_channels)")
         number("classifier.time_scale", c.time_scale, 0, open_low=True)
-        if c.channels > 0 and c.norm_groups > 0:
-            widths = sorted({c.channels} | {int(c.channels * m) for m in c.channel_mult if m > 0})
-            if c.pool == "spatial_v2":
-                widths.append(classifier.SPATIAL_WIDTH)  # its head normalises the 2048 hidden features
-            bad = [w for w in widths if w % c.norm_groups]
-            need(not bad, "classifier.norm_groups", c.norm_groups, f"must divide every level's width {widths} "
-                                                                     f"(it does not divide {bad})")
-        if config.data.dataset != "toy2d" and not own_data:
-            need(c.image_size == config.data.image_size, "classifier.image_size", c.image_size,
-                 f"must equal data.image_size={config.data.image_size} (the classifier sees the images it "
-                 "trains on); set both")
+        # the spatial_v2 head normalises its 2048 hidden features too
+        fits_its_data("classifier", c, [classifier.SPATIAL_WIDTH] if c.pool == "spatial_v2" else [])
         need(config.data.dataset != "toy2d" or own_data, "data.dataset", config.data.dataset,
              "holds 2-D points: the classifier needs images")
     else:

@@ -508,7 +508,8 @@ def check_guided_eps(guided_eps) -> None:
         mine = guided_eps(eps.clone(), gradient.clone(), a)
         _compare(mine, expected, f"guided_eps(eps, gradient, alpha_bar_t) at the {what}",
                  "eps is -sqrt(1 - alpha_bar_t) times the score: subtract sqrt(1 - alpha_bar_t) times the gradient",
-                 mistakes=[(eps - math.sqrt(a) * gradient, "the factor is sqrt(1 - alpha_bar_t), not sqrt(alpha_bar_t)"),
+                 mistakes=[(eps - math.sqrt(a) * gradient,
+                            "the factor is sqrt(1 - alpha_bar_t), not sqrt(alpha_bar_t)"),
                            (eps - (1 - a) * gradient, "the factor is the standard deviation sqrt(1 - alpha_bar_t) "
                             "of q(x_t | x0), not its variance"),
                            (eps + math.sqrt(1 - a) * gradient, "eps points *against* the score (eps = "

@@ -606,7 +606,8 @@ def main(argv=None) -> int:
         cpu = time.process_time() - start
         accuracy = heldout_accuracy(model)
         info = {"trained_with": f"metrics.train_evaluator(steps={args.steps}, seed={args.seed})",
-                "train_cpu_s": round(cpu, 1), "heldout_accuracy": accuracy, "heldout": "ShapesDataset(2000, 32, seed=1)"}
+                "train_cpu_s": round(cpu, 1), "heldout_accuracy": accuracy,
+                "heldout": "ShapesDataset(2000, 32, seed=1)"}
         print(json.dumps(info))
         print(f"wrote {save_evaluator(model, args.out, info)}")
         return 0

@@ -272,33 +272,12 @@ class UNet(nn.Module):
     def _check_inputs(self, x_t, t, y, context, low_res) -> torch.Tensor:
         """Raise a ValueError that says what to change; return t as a [N] tensor."""
         cfg = self.config
-        if x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
-            raise ValueError(f"x_t must be [N, {cfg.in_channels}, H, W] (unet.in_channels={cfg.in_channels}); "
-                             f"got shape {tuple(x_t.shape)}")
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if x_t.shape[-1] % factor or x_t.shape[-2] % factor:
-            raise ValueError(f"image side {tuple(x_t.shape[-2:])} is not divisible by {factor}, which this UNet's "
-                             f"{len(cfg.channel_mult)} levels need; resize to a multiple of {factor} "
-                             f"(unet.image_size={cfg.image_size})")
-        weight = self.input_blocks[0][0].weight
-        if not x_t.is_floating_point():
-            raise ValueError(f"x_t must be a float tensor, got {x_t.dtype}; images go in as floats in [-1, 1] "
-                             "(uint8: x.float() / 127.5 - 1)")
-        if x_t.device != weight.device:
-            raise ValueError(f"x_t is on {x_t.device} but the model is on {weight.device}; move one of them "
-                             f"(x_t.to('{weight.device}') or model.to('{x_t.device}'))")
-        if x_t.dtype != weight.dtype and not _autocast(x_t.device.type):
-            raise ValueError(f"x_t is {x_t.dtype} but the model's weights are {weight.dtype}; convert one of them "
-                             f"(x_t.to({weight.dtype}) or model.to({x_t.dtype})), or run under torch.autocast")
+        t = check_image_input(x_t, t, self.input_blocks[0][0].weight, in_channels=cfg.in_channels,
+                              levels=len(cfg.channel_mult), section="unet", name="model")
         if y is not None and (not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool):
             raise ValueError(f"y must be a tensor of integer class labels (int64), got "
                              f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
         n = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"t must be a scalar or have shape [{n}] (one timestep per sample); got {tuple(t.shape)}")
         if cfg.num_classes > 0 and y is None:
             raise ValueError(f"y is required: this UNet is class-conditional (unet.num_classes={cfg.num_classes}); "
                              "pass y=<[N] int64 labels> or use a config with num_classes=0")
@@ -326,17 +305,57 @@ class UNet(nn.Module):
         return t
 
 
+def check_image_input(x_t, t, weight: torch.Tensor, *, in_channels: int, levels: int, section: str,
+                      name: str) -> torch.Tensor:
+    """The input checks of every network that reads x_t (the UNet, the classifier); returns t as int64 [N].
+
+    x_t must be a float tensor [N, in_channels, H, W] with sides divisible by 2^(levels - 1), on the device and
+    in the dtype of `weight` (the first conv's; another dtype only under autocast); t a scalar or [N].
+    Messages name the config `section` and call the network `name`.
+    """
+    if not isinstance(x_t, torch.Tensor) or x_t.ndim != 4 or x_t.shape[1] != in_channels:
+        shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+        raise ValueError(f"x_t must be [N, {in_channels}, H, W] ({section}.in_channels={in_channels}); got {shape}")
+    factor = 2 ** (levels - 1)
+    if x_t.shape[-1] % factor or x_t.shape[-2] % factor:
+        raise ValueError(f"image side {tuple(x_t.shape[-2:])} is not divisible by {factor}, which this {name}'s "
+                         f"{levels} levels need; resize to a multiple of {factor}")
+    if not x_t.is_floating_point():
+        raise ValueError(f"x_t must be a float tensor, got {x_t.dtype}; images go in as floats in [-1, 1] "
+                         "(uint8: x.float() / 127.5 - 1)")
+    if x_t.device != weight.device:
+        raise ValueError(f"x_t is on {x_t.device} but the {name} is on {weight.device}; move one of them "
+                         f"(x_t.to('{weight.device}') or {name}.to('{x_t.device}'))")
+    if x_t.dtype != weight.dtype and not _autocast(x_t.device.type):
+        raise ValueError(f"x_t is {x_t.dtype} but the {name}'s weights are {weight.dtype}; convert one of them "
+                         f"(x_t.to({weight.dtype}) or {name}.to({x_t.dtype})), or run under torch.autocast")
+    n = x_t.shape[0]
+    t = torch.as_tensor(t, device=x_t.device)
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"t must be a scalar or have shape [{n}] (one timestep per sample); got {tuple(t.shape)}")
+    return t
+
+
 def _check_config(config: UNetConfig) -> None:
     """Reject configurations the UNet would otherwise build silently wrong."""
+    check_levels(config, "unet", "UNet")
+
+
+def check_levels(config, section: str, name: str) -> None:
+    """The level checks of the UNet and the classifier (their configs share these fields): at least one level,
+    an image side divisible by 2^(levels - 1), attention at sides the network has, whole channel counts."""
     if not config.channel_mult:
-        raise ValueError("unet.channel_mult must name at least one level, e.g. (1, 2, 2, 2)")
+        raise ValueError(f"{section}.channel_mult must name at least one level, e.g. (1, 2, 2, 2)")
+    factor = 2 ** (len(config.channel_mult) - 1)
+    if config.image_size % factor:
+        raise ValueError(f"{section}.image_size={config.image_size} must be divisible by 2^(levels-1) = {factor} "
+                         f"for channel_mult={config.channel_mult}")
     sides = [config.image_size // 2**level for level in range(len(config.channel_mult))]
-    if config.image_size % 2 ** (len(config.channel_mult) - 1):
-        raise ValueError(f"unet.image_size={config.image_size} must be divisible by 2^(levels-1) = "
-                         f"{2 ** (len(config.channel_mult) - 1)} for channel_mult={config.channel_mult}")
     unreached = [r for r in config.attention_resolutions if r not in sides]
     if unreached:
-        raise ValueError(f"unet.attention_resolutions {unreached} are not feature-map sides of this UNet "
+        raise ValueError(f"{section}.attention_resolutions {unreached} are not feature-map sides of this {name} "
                          f"(sides are {sides}); attention_resolutions are sides like 16 (=16x16), not factors")
     for mult in config.channel_mult:
         if int(mult * config.channels) != mult * config.channels:
@@ -353,15 +372,27 @@ def config_from_original(kwargs: dict, super_res: bool = False) -> UNetConfig:
     The one place where the originals' attention *downsample factors* become feature-map sides
     (side = image_size // factor). `super_res=True` for `SuperResModel`, whose in_channels are doubled.
     """
-    image_size = kwargs["image_size"]
     in_channels = kwargs.get("in_channels", 3)
     if super_res:
         in_channels //= 2
     learn_sigma = kwargs["out_channels"] == 2 * in_channels
     return UNetConfig(
-        image_size=image_size,
+        **original_shared_fields(kwargs),
         in_channels=in_channels,
         out_channels=kwargs["out_channels"] // (2 if learn_sigma else 1),
+        num_heads_upsample=kwargs.get("num_heads_upsample", -1),
+        learn_sigma=learn_sigma,
+        num_classes=kwargs.get("num_classes") or 0,
+        super_res=super_res,
+    )
+
+
+def original_shared_fields(kwargs: dict) -> dict:
+    """The config fields guided-diffusion's `UNetModel` and `EncoderUNetModel` share, from their kwargs (their
+    defaults included); attention downsample factors become feature-map sides (side = image_size // factor)."""
+    image_size = kwargs["image_size"]
+    return dict(
+        image_size=image_size,
         channels=kwargs["model_channels"],
         channel_mult=tuple(kwargs.get("channel_mult", (1, 2, 4, 8))),
         num_res_blocks=kwargs["num_res_blocks"],
@@ -369,14 +400,10 @@ def config_from_original(kwargs: dict, super_res: bool = False) -> UNetConfig:
         dropout=kwargs.get("dropout", 0.0),
         num_heads=kwargs.get("num_heads", 1),
         num_head_channels=kwargs.get("num_head_channels", -1),
-        num_heads_upsample=kwargs.get("num_heads_upsample", -1),
         use_scale_shift_norm=kwargs.get("use_scale_shift_norm", False),
         resblock_updown=kwargs.get("resblock_updown", False),
         use_new_attention_order=kwargs.get("use_new_attention_order", False),
         conv_resample=kwargs.get("conv_resample", True),
-        learn_sigma=learn_sigma,
-        num_classes=kwargs.get("num_classes") or 0,
-        super_res=super_res,
         use_checkpoint=kwargs.get("use_checkpoint", False),
     )
 

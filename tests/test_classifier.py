@@ -16,6 +16,8 @@ from minildm.attention import AttentionBlock
 from minildm.config import ClassifierConfig
 from minildm.layers import GroupNorm32, count_parameters
 
+from helpers import decode_parity_weights
+
 CLASSIFIER_PRESETS = [name for name in presets.names() if presets.info(name).config.model == "classifier"]
 MANIFESTS = {f"adm_classifier{size}": f"adm-classifier{size}" for size in (64, 128, 256, 512)}
 
@@ -173,9 +175,7 @@ def load_parity_fixture(reference_dir, name="adm_classifier_tiny"):
     """(Classifier with the decoded original weights loaded strictly, fixture JSON, io tensors)."""
     folder = reference_dir / "parity"
     meta = json.loads((folder / f"{name}.json").read_text())
-    exponents = meta["weight_exponents"]
-    codes = load_file(folder / meta["weights_file"])
-    state_dict = {k: q.to(torch.float32) * 2.0 ** (-exponents[k]) if k in exponents else q for k, q in codes.items()}
+    state_dict = decode_parity_weights(folder, meta)
     model = classifier.Classifier(classifier.config_from_original(meta["config"])).eval()
     model.load_state_dict(classifier.convert_official_state_dict(state_dict), strict=True)
     return model, meta, load_file(folder / meta["io_file"])

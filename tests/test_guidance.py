@@ -8,7 +8,7 @@ from torch import nn
 
 from minildm import guidance, sampling, schedules
 
-from helpers import make
+from helpers import fixed_output, ldm_model, make
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,6 @@ def gd(reference_dir):
 def ldm(reference_dir):
     data = np.load(reference_dir / "numerics" / "ldm_schedules.npz")
     return {key: torch.from_numpy(data[key]) for key in data.files}
-
-
-def fixed_output(output):
-    return lambda x_t, t, **kwargs: output
 
 
 def diffusion_and_output(gd, name, var_type):
@@ -111,12 +107,6 @@ def test_guidance_changes_the_step(gd):
 # ---------------------------------------------------------------------- parity with latent-diffusion's CFG step
 
 
-def ldm_model(x, t, context=None):
-    """The fixture's apply_model(x, t, c)."""
-    return torch.tanh(0.8 * x + 0.25 * context.mean(dim=(1, 2))[:, None, None, None]
-                      + t.float()[:, None, None, None] / 1000)
-
-
 @pytest.mark.parametrize("eta", [0, 1])
 @pytest.mark.parametrize("index, t, t_prev", [(49, 981, 961), (25, 501, 481), (0, 1, 0)])
 def test_classifier_free_ddim_step_parity(ldm, eta, index, t, t_prev):
@@ -168,7 +158,8 @@ def test_classifier_free_scale_conventions():
     torch.testing.assert_close(guidance.classifier_free(model, 1.0, {"y": null})(x, t, y=y), cond)
     assert model.batch_sizes == [3]
     torch.testing.assert_close(guidance.classifier_free(model, 0.0, {"y": null})(x, t, y=y), uncond)
-    torch.testing.assert_close(guidance.classifier_free(model, 3.0, {"y": null})(x, t, y=y), uncond + 3 * (cond - uncond))
+    guided = guidance.classifier_free(model, 3.0, {"y": null})(x, t, y=y)
+    torch.testing.assert_close(guided, uncond + 3 * (cond - uncond))
     assert model.batch_sizes[1:] == [6, 6]  # one batched forward pass per guided call
 
 

@@ -6,7 +6,7 @@ import torch
 
 from minildm import sampling, schedules
 
-from helpers import make, oracle_eps_model
+from helpers import fixed_output, ldm_model, make, oracle_eps_model
 
 
 def smooth_model(x_t, t, **kwargs):
@@ -145,10 +145,6 @@ def gd(reference_dir):
     return {key: torch.from_numpy(data[key]) for key in data.files}
 
 
-def fixed_output(output):
-    return lambda x_t, t, **kwargs: output
-
-
 def reference_model(x, t, **kwargs):
     return torch.cat([1.2 * torch.tanh(0.7 * x + 0.3), torch.tanh(0.5 * x - 0.2)], dim=1)
 
@@ -221,12 +217,6 @@ def test_spaced_ddim25_step_parity(gd, name, eta):
 def ldm(reference_dir):
     data = np.load(reference_dir / "numerics" / "ldm_schedules.npz")
     return {key: data[key] for key in data.files}
-
-
-def ldm_model(x, t, context=None):
-    """The fixture's apply_model(x, t, c)."""
-    return torch.tanh(0.8 * x + 0.25 * context.mean(dim=(1, 2))[:, None, None, None]
-                      + t.float()[:, None, None, None] / 1000)
 
 
 def test_ldm_ddim_parameters_parity(ldm):

@@ -13,6 +13,8 @@ from minildm import attention, presets, unet
 from minildm.config import UNetConfig, override
 from minildm.layers import GroupNorm32, count_parameters
 
+from helpers import decode_parity_weights
+
 UNET_PRESETS = [name for name in presets.names() if presets.info(name).config.model == "unet"]
 
 
@@ -105,9 +107,7 @@ def load_parity_fixture(reference_dir, name):
     """(UNet with the decoded original weights loaded strictly, fixture JSON, io tensors)."""
     folder = reference_dir / "parity"
     meta = json.loads((folder / f"{name}.json").read_text())
-    exponents = meta["weight_exponents"]
-    codes = load_file(folder / meta["weights_file"])
-    state_dict = {k: q.to(torch.float32) * 2.0 ** (-exponents[k]) if k in exponents else q for k, q in codes.items()}
+    state_dict = decode_parity_weights(folder, meta)
     model = unet.UNet(unet.config_from_original(meta["config"])).eval()
     model.load_state_dict(unet.convert_official_state_dict(state_dict), strict=True)
     return model, meta, load_file(folder / meta["io_file"])
