@@ -100,8 +100,8 @@ def classifier_free(model: Callable, guidance_scale: float, uncond: dict) -> Cal
     {"y": null labels [N]} for a class-conditional UNet with `null_class`, {"context": empty-prompt tokens}
     for cross-attention). w = guidance_scale: 1 = no guidance (one plain forward), 0 = unconditional.
     With a learned variance (2C output channels for C input channels) only the first C (eps) channels
-    are guided; the variance channels are the conditional pass's. w = 0 runs the unconditional pass alone.
-    Output [N, C or 2C, H, W].
+    are guided; the variance channels are the conditional pass's (for every w, so the output is continuous
+    in w). Output [N, C or 2C, H, W].
     """
     if not guidance_scale >= 0:
         raise ValueError(f"guidance_scale must be >= 0 (1: no guidance, 0: unconditional), got {guidance_scale}")
@@ -114,9 +114,6 @@ def classifier_free(model: Callable, guidance_scale: float, uncond: dict) -> Cal
         if guidance_scale == 1:
             return model(x_t, t, **cond)
         n = x_t.shape[0]
-        if guidance_scale == 0:  # the unconditional model alone: one plain pass
-            return model(x_t, t, **{key: _batched(uncond[key], n, key) if key in uncond else value
-                                    for key, value in cond.items()})
         both = {key: torch.cat([value, _batched(uncond[key], n, key)]) if key in uncond else value
                 for key, value in cond.items()}
         output = model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both)

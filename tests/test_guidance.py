@@ -150,8 +150,7 @@ class CountingModel(nn.Module):
 
 
 def test_classifier_free_scale_conventions():
-    """w = 1: the conditional output in one plain pass; w = 0: the unconditional one, also one plain pass;
-    otherwise one doubled pass."""
+    """w = 1: the conditional output in one plain pass; w = 0: the unconditional one; otherwise one doubled pass."""
     model, x, t = CountingModel(), torch.randn(3, 2, 4, 4), torch.tensor([5, 5, 5])
     y, null = torch.tensor([1, 2, 3]), guidance.null_labels(3, num_classes=4)
     cond, uncond = model(x, t, y=y), model(x, t, y=null)
@@ -161,7 +160,7 @@ def test_classifier_free_scale_conventions():
     torch.testing.assert_close(guidance.classifier_free(model, 0.0, {"y": null})(x, t, y=y), uncond)
     guided = guidance.classifier_free(model, 3.0, {"y": null})(x, t, y=y)
     torch.testing.assert_close(guided, uncond + 3 * (cond - uncond))
-    assert model.batch_sizes[1:] == [3, 6]  # w = 0: plain; w = 3: one batched forward pass on the doubled batch
+    assert model.batch_sizes[1:] == [6, 6]  # one batched forward pass on the doubled batch per guided call
 
 
 def test_classifier_free_guides_only_eps_channels():
