@@ -114,7 +114,8 @@ def classifier_free(model: Callable, guidance_scale: float, uncond: dict) -> Cal
         if guidance_scale == 1:
             return model(x_t, t, **cond)
         n = x_t.shape[0]
-        both = {key: torch.cat([value, _batched(uncond[key], n, key)]) if key in uncond else value
+        # the guided condition against its null; any other input (e.g. low_res) goes to both halves
+        both = {key: torch.cat([value, _batched(uncond[key], n, key) if key in uncond else value])
                 for key, value in cond.items()}
         output = model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both)
         out_cond, out_uncond = output[:n], output[n:]

@@ -174,6 +174,22 @@ def test_classifier_free_guides_only_eps_channels():
     torch.testing.assert_close(out[:, 3:], cond[:, 3:])
 
 
+def test_classifier_free_doubles_the_other_inputs():
+    """Inputs that are not the condition (an upsampler's low_res) reach both halves of the doubled batch."""
+    seen = {}
+
+    def model(x, t, y=None, low_res=None):
+        seen["low_res"] = low_res
+        return x * low_res + y.float().view(-1, 1, 1, 1)
+
+    x, low_res = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
+    out = guidance.classifier_free(model, 2.0, {"y": torch.tensor([9])})(x, torch.tensor([1, 1]),
+                                                                        y=torch.tensor([0, 1]), low_res=low_res)
+    torch.testing.assert_close(seen["low_res"], torch.cat([low_res, low_res]))
+    cond, uncond = x * low_res + torch.tensor([0.0, 1.0]).view(-1, 1, 1, 1), x * low_res + 9
+    torch.testing.assert_close(out, uncond + 2 * (cond - uncond))
+
+
 def test_classifier_free_errors():
     model = CountingModel()
     with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
