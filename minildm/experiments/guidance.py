@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import minildm
-from minildm import checkpoints, metrics, train
+from minildm import checkpoints, metrics
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "data" / "checkpoints"
 MODELS = {"classifier": "ddpm-shapes", "free": "ddpm-shapes-cond"}
@@ -62,15 +62,10 @@ def sample(method: str, scale: float, num: int, *, sampler="ddim", steps=50, see
     """
     models = models or {}
     model, config = models.get("model") or load_shipped(MODELS[method])
-    labels = torch.arange(num) % 5
     guided = {"guidance_scale": scale} if method == "free" else \
         {"classifier": (models.get("classifier") or load_shipped(CLASSIFIER))[0], "classifier_scale": scale}
-    chunks = []
-    for b, start in enumerate(range(0, num, batch_size)):
-        chunk = labels[start:start + batch_size]
-        chunks.append(train.generate(model, minildm.build_diffusion(config), config, len(chunk), sampler=sampler,
-                                     steps=steps, seed=seed + b, y=chunk, **guided))
-    return torch.cat(chunks), labels
+    return metrics.sample_for_scoring(model, config, num, batch_size=batch_size, sampler=sampler, steps=steps,
+                                      seed=seed, **guided)
 
 
 def sweep(method: str, scales, *, num=500, sampler="ddim", steps=50, seed=0, batch_size=100, verbose=True) -> dict:
