@@ -608,10 +608,8 @@ def generate(model, diffusion, config, num: int, *, sampler="ddim", steps=25, et
     cond_fn = None
     if classifier is not None and classifier_scale != 0:
         cond_fn = guidance.classifier_gradient(classifier, classifier_scale)
-        classifier_classes = classifier.config.out_channels
         if classes == 0:  # an unconditional model ignores the labels meant for the classifier
-            model = _ignore_labels(model)
-        classes = classifier_classes if classes == 0 else classes
+            model, classes = _ignore_labels(model), classifier.config.out_channels
     elif classifier_scale != 0:
         raise ValueError(f"classifier_scale={classifier_scale} needs a classifier (classifier=...)")
     labels = None
