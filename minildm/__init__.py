@@ -14,7 +14,7 @@ from minildm import config, presets  # noqa: E402
 
 
 def build_model(config, device=None):
-    """Build the main network of a `Config` (UNet, toy MLP or noise-aware classifier, by `config.model`);
+    """Build the main network of a `Config` (UNet, toy MLP, noise-aware classifier or autoencoder, by `config.model`);
     `device="meta"` builds without memory."""
     import contextlib
 
@@ -33,7 +33,11 @@ def build_model(config, device=None):
             from minildm.classifier import Classifier
 
             return Classifier(config.classifier)
-    raise ValueError(f"unknown model {config.model!r}; set model=unet, model=mlp or model=classifier")
+        if config.model == "autoencoder":
+            from minildm import autoencoder
+
+            return autoencoder.build(config.autoencoder)
+    raise ValueError(f"unknown model {config.model!r}; set model=unet, mlp, classifier or autoencoder")
 
 
 def build_diffusion(config):

@@ -8,6 +8,8 @@ not silently wrong weights, and non-finite weights are refused instead of writte
     tensors   model.<name>                    the network (guided-diffusion key names)
               ema.<name>                      its exponential moving average (optional)
               optimizer.state.<i>.<name>      AdamW moments and step counts (training checkpoints)
+              <module>.<name>                 more networks of the run by name, e.g. discriminator.main.0.weight
+              optimizer_<module>.state...     and their optimizers
     metadata  JSON strings in the safetensors header: format, minildm version, step, the resolved
               config (`minildm.config.to_dict`), optimizer param groups, GradScaler state,
               checksums (CRC-32 of every tensor's bytes)
@@ -24,7 +26,8 @@ sharing is saved without the optimizer (`save(path, model, config, ema=ema)`), a
     >>> checkpoints.save("run.safetensors", model, config, ema=ema, step=1000)
     >>> model, config, ema, step, metadata = checkpoints.load("run.safetensors")
 
-Official checkpoints (guided-diffusion, improved-diffusion) are pickled `.pt` state dicts:
+Official checkpoints (guided-diffusion, improved-diffusion) are pickled `.pt` state dicts, latent-diffusion's
+first stages zipped Lightning checkpoints:
 `load_official("adm-imagenet64")` downloads the preset's file (or finds it where you put it),
 reads it with `torch.load(weights_only=True)`, converts the keys and loads them strictly.
 """
@@ -48,6 +51,7 @@ from minildm import config as config_lib
 from minildm import presets
 
 FORMAT = "minildm.checkpoint/1"
+RESERVED = ("model", "ema", "optimizer")  # tensor prefixes of the main network; other modules take their own name
 
 # Released files: guided-diffusion README (jul-2021) and improved-diffusion README (march-2021).
 _GUIDED = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
@@ -62,6 +66,9 @@ OFFICIAL_URLS = {
         "cifar10_uncond_50M_500K.pt", "cifar10_uncond_vlb_50M_500K.pt", "imagenet64_uncond_100M_1500K.pt",
         "imagenet64_uncond_vlb_100M_1500K.pt", "imagenet64_cond_270M_250K.pt", "upsample_cond_500K.pt",
         "lsun_uncond_100M_1200K_bs128.pt", "lsun_uncond_100M_2400K_bs64.pt")},
+    # latent-diffusion's first stages (README, scripts/download_first_stages.sh): a zip holding model.ckpt
+    **{f"{name}.zip": f"https://ommer-lab.com/files/latent-diffusion/{name}.zip" for name in (
+        "kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f8-n256", "vq-f16")},
 }
 
 
@@ -87,11 +94,14 @@ class Loaded(NamedTuple):
 # Saving
 
 
-def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, extra=None) -> Path:
+def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, extra=None, modules=None,
+         optimizers=None) -> Path:
     """Write a checkpoint atomically; returns its path.
 
     model / ema: modules (a DDP or compiled wrapper is unwrapped). optimizer / scaler make it a
     training checkpoint that `load_training_state` resumes exactly.
+    modules: more named networks of the run, e.g. {"discriminator": D} (tensors `<name>.<key>`; `load_module`
+    reads one back); optimizers: their optimizers by the same names (`optimizer_<name>.state...`).
     extra: a JSON-serialisable dict stored in the metadata.
     Raises `CheckpointError` (and writes nothing) if a weight is NaN or infinite: a diverged run
     never replaces the last good checkpoint.
@@ -100,6 +110,13 @@ def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, 
     tensors = {f"model.{k}": v for k, v in _unwrap(model).state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in _unwrap(ema).state_dict().items()})
+    modules, optimizers = modules or {}, optimizers or {}
+    for name in (*modules, *optimizers):
+        if name in RESERVED or not name.isidentifier():
+            raise ValueError(f"a checkpoint cannot hold a module named {name!r}: use an identifier other than "
+                             f"{', '.join(RESERVED)}")
+    for name, module in modules.items():
+        tensors.update({f"{name}.{k}": v for k, v in _unwrap(module).state_dict().items()})
     bad = _nonfinite(tensors)
     if bad:
         raise NonFiniteWeightsError(f"not writing {path}: {len(bad)} tensors hold NaN or infinite values (first: "
@@ -113,17 +130,19 @@ def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, 
         "config": json.dumps(config_lib.to_dict(config)),
         "has_ema": json.dumps(ema is not None),
         "extra": json.dumps(extra or {}),
+        "modules": json.dumps(sorted(modules)),
     }
-    if optimizer is not None:
-        state = optimizer.state_dict()
+    for key, opt in ([("optimizer", optimizer)] if optimizer is not None else []) + \
+            [(f"optimizer_{name}", opt) for name, opt in optimizers.items()]:
+        state = opt.state_dict()
         scalars = {}
         for index, param_state in state["state"].items():
             for name, value in param_state.items():
                 if torch.is_tensor(value):
-                    tensors[f"optimizer.state.{index}.{name}"] = value
+                    tensors[f"{key}.state.{index}.{name}"] = value
                 else:
                     scalars.setdefault(str(index), {})[name] = value
-        metadata["optimizer"] = json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
+        metadata[key] = json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
     if scaler is not None:
         metadata["scaler"] = json.dumps(scaler.state_dict())
     # safetensors wants contiguous CPU tensors that share no memory (channels_last is not contiguous).
@@ -212,8 +231,9 @@ def read_metadata(path) -> dict:
                               "minildm.checkpoints.save or was edited. Copy or download it again")
     metadata = dict(raw)
     try:
-        for name in ("config", "has_ema", "extra", "optimizer", "scaler", "checksums"):
-            if name in raw:
+        for name in raw:
+            if name in ("config", "has_ema", "extra", "optimizer", "scaler", "checksums", "modules") \
+                    or name.startswith("optimizer_"):
                 metadata[name] = json.loads(raw[name])
         metadata["step"] = int(raw["step"])
     except ValueError as error:
@@ -244,40 +264,68 @@ def load(path, *, device="cpu", ema=True) -> Loaded:
     return Loaded(model, config, ema_model, metadata["step"], metadata)
 
 
-def load_training_state(path, model, *, ema=None, optimizer=None, scaler=None) -> dict:
+def load_training_state(path, model, *, ema=None, optimizer=None, scaler=None, modules=None,
+                        optimizers=None) -> dict:
     """Restore a training checkpoint into existing objects; returns {"step", "extra", "config"}.
 
-    model / ema / optimizer / scaler are modified in place (weights strictly checked).
+    model / ema / optimizer / scaler, and the named `modules` / `optimizers` (as given to `save`), are
+    modified in place (weights strictly checked; a module the file lacks is an error naming it).
     """
     metadata = read_metadata(path)
+    modules, optimizers = modules or {}, optimizers or {}
     device = next(iter(_unwrap(model).state_dict().values())).device
-    tensors = _read_tensors(path, ("model.", "ema."), device, metadata.get("checksums"))
+    prefixes = ("model.", "ema.") + tuple(f"{name}." for name in modules)
+    tensors = _read_tensors(path, prefixes, device, metadata.get("checksums"))
     # Optimizer state is read on the CPU: load_state_dict moves the moments to the parameters' device
     # and keeps AdamW's step counters on the CPU, exactly where a fresh optimizer has them.
-    tensors.update(_read_tensors(path, ("optimizer.",), "cpu", metadata.get("checksums")))
+    tensors.update(_read_tensors(path, ("optimizer",), "cpu", metadata.get("checksums")))
     load_weights(_unwrap(model), _strip(tensors, "model."), source=f"{path} (model)")
     if ema is not None:
         if not metadata["has_ema"]:
             raise CheckpointError(f"{path} has no EMA weights; it cannot resume a run that keeps an EMA")
         load_weights(_unwrap(ema), _strip(tensors, "ema."), source=f"{path} (ema)")
-    if optimizer is not None:
-        if "optimizer" not in metadata:
-            raise CheckpointError(f"{path} has no optimizer state (it was saved for sharing, not for resuming); "
+    for name, module in modules.items():
+        _need_module(path, metadata, name)
+        load_weights(_unwrap(module), _strip(tensors, f"{name}."), source=f"{path} ({name})")
+    for key, opt in ([("optimizer", optimizer)] if optimizer is not None else []) + \
+            [(f"optimizer_{name}", opt) for name, opt in optimizers.items()]:
+        if key not in metadata:
+            raise CheckpointError(f"{path} has no {key} state (it was saved for sharing, not for resuming); "
                                   "start a new run from its weights instead")
-        saved = metadata["optimizer"]
-        state = {}
-        for key, value in _strip(tensors, "optimizer.state.").items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-        for index, scalars in saved["scalars"].items():
-            state.setdefault(int(index), {}).update(scalars)
-        groups = saved["param_groups"]
-        for group, current in zip(groups, optimizer.param_groups):  # JSON turned tuples (betas) into lists
-            group.update({k: tuple(v) for k, v in group.items() if isinstance(current.get(k), tuple)})
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        _load_optimizer(opt, metadata[key], _strip(tensors, f"{key}.state."))
     if scaler is not None and metadata.get("scaler"):
         scaler.load_state_dict(metadata["scaler"])
     return {"step": metadata["step"], "extra": metadata["extra"], "config": metadata["config"]}
+
+
+def load_module(path, name: str, module, *, device="cpu"):
+    """Load the network stored as `name` (see `save(modules=...)`) into `module`, strictly; returns it, eval mode."""
+    metadata = read_metadata(path)
+    _need_module(path, metadata, name)
+    tensors = _read_tensors(path, (f"{name}.",), device, metadata.get("checksums"))
+    load_weights(_unwrap(module), _strip(tensors, f"{name}."), source=f"{path} ({name})")
+    return module.to(device).eval()
+
+
+def _need_module(path, metadata, name) -> None:
+    stored = metadata.get("modules", [])
+    if name not in stored:
+        raise CheckpointError(f"{path} holds no module named {name!r}; it holds the model"
+                              + (f" and {', '.join(stored)}" if stored else " only"))
+
+
+def _load_optimizer(optimizer, saved: dict, tensors: dict) -> None:
+    """optimizer.load_state_dict from the tensors and JSON that `save` wrote."""
+    state = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, scalars in saved["scalars"].items():
+        state.setdefault(int(index), {}).update(scalars)
+    groups = saved["param_groups"]
+    for group, current in zip(groups, optimizer.param_groups):  # JSON turned tuples (betas) into lists
+        group.update({k: tuple(v) for k, v in group.items() if isinstance(current.get(k), tuple)})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def load_weights(model, state_dict, *, source="checkpoint") -> None:
@@ -398,18 +446,49 @@ def load_official(name: str, *, path=None, device="cpu", directory=None):
 
 
 def load_official_file(path, config, *, device="cpu"):
-    """Load a guided-/improved-diffusion `.pt` state dict into `build_model(config)`, strictly."""
+    """Load an official file into `build_model(config)`, strictly: a guided-/improved-diffusion `.pt` state
+    dict, or a latent-diffusion first stage (the `.zip` of the model zoo, or the `model.ckpt` inside it, a
+    Lightning checkpoint whose "state_dict" also holds the training-only `loss.*` weights, which are dropped)."""
+    path = Path(path)
     try:
+        if path.suffix == ".zip":
+            path = _extract_ckpt(path)
         state_dict = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # truncated zip, pickle with code, wrong file
-        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({type(error).__name__}: {error}); "
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
                               "it may be truncated: delete it and download it again") from None
-    from minildm import unet
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]  # a Lightning checkpoint (latent-diffusion)
+    from minildm import autoencoder, unet
 
     model = minildm.build_model(config, device=device)
-    converted = unet.convert_official_state_dict(state_dict)
-    load_weights(model, converted, source=str(path))
+    convert = autoencoder.convert_official_state_dict if config.model == "autoencoder" \
+        else unet.convert_official_state_dict
+    load_weights(model, convert(state_dict), source=str(path))
     return model.eval()
+
+
+def _extract_ckpt(path: Path) -> Path:
+    """The `.ckpt` inside a model-zoo zip, extracted beside it once (`<zip name>.ckpt`)."""
+    import zipfile
+
+    target = path.with_suffix(".ckpt")
+    if target.is_file():
+        return target
+    with zipfile.ZipFile(path) as archive:
+        members = [m for m in archive.namelist() if m.endswith(".ckpt")]
+        if not members:
+            raise CheckpointError(f"{path} holds no .ckpt file (it has {archive.namelist()[:5]}); is it a "
+                                  "latent-diffusion model-zoo archive?")
+        tmp = target.with_name(f".{target.name}.part{os.getpid()}")
+        try:
+            with archive.open(members[0]) as source, open(tmp, "wb") as out:
+                while chunk := source.read(1 << 20):
+                    out.write(chunk)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
 
 
 def _official_filename(name: str) -> str:

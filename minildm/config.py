@@ -79,6 +79,59 @@ class ClassifierConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """LDM's first stage (latent-diffusion `AutoencoderKL` / `VQModel`, minildm.autoencoder).
+
+    The field names are minildm's for LDM's `ddconfig`: channels = ch, channel_mult = ch_mult,
+    attention_resolutions = attn_resolutions (feature-map sides, as LDM's own autoencoder config),
+    image_size = resolution. The encoder halves the side len(channel_mult) - 1 times: f = 2^(levels - 1),
+    the latent is [N, embed_dim, image_size / f, image_size / f]. Defaults: KL-f8, Stable Diffusion's VAE.
+    """
+
+    kind: str = "kl"  # kl (diagonal Gaussian posterior, AutoencoderKL) | vq (vector quantiser, VQModel)
+    image_size: int = 256
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: int = 128
+    channel_mult: tuple[float, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = ()
+    attention: bool = True  # False: LDM's attn_type "none" (no attention, not even in the middle)
+    dropout: float = 0.0
+    z_channels: int = 4  # the encoder's output channels (x2 for the KL posterior's mean and log-variance)
+    embed_dim: int = 4  # latent channels after quant_conv
+    n_embed: int = 0  # codebook size (kind "vq")
+    beta: float = 0.25  # commitment weight of the VQ loss
+    legacy_beta: bool = True  # taming's legacy placement: beta weights the codebook term, not the commitment
+    norm_groups: int = 32  # GroupNorm groups (32 in LDM; narrow toys need fewer)
+
+
+@dataclass
+class AutoencoderLossConfig:
+    """LDM's first-stage loss (`LPIPSWithDiscriminator` for KL, taming's `VQLPIPSWithDiscriminator` for VQ).
+
+    rec = |x - x_rec| + perceptual_weight * perceptual(x, x_rec); KL: nll = rec / exp(logvar) + logvar;
+    loss = nll + kl_weight * KL (or codebook_weight * codebook loss) + d_weight * disc_factor * g_loss, with
+    the adaptive d_weight = disc_weight * |grad nll| / |grad g_loss| at the decoder's last layer; the PatchGAN
+    discriminator joins at step disc_start. perceptual: "lpips" (real LPIPS-VGG weights, needs a download),
+    "classifier_features" (an offline substitute: distances of the shipped shapes classifier's features,
+    not LPIPS) or "none". Defaults: LDM's KL-f8 config.
+    """
+
+    perceptual: str = "lpips"  # lpips | classifier_features | none
+    perceptual_weight: float = 1.0
+    kl_weight: float = 1e-6
+    codebook_weight: float = 1.0
+    logvar_init: float = 0.0
+    disc_start: int = 50001
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_num_layers: int = 3
+    disc_channels: int = 64
+    disc_loss: str = "hinge"  # hinge | vanilla
+
+
+@dataclass
 class MLPConfig:
     """A small residual MLP denoiser for 2-D toy data."""
 
@@ -167,10 +220,12 @@ class SampleConfig:
 class Config:
     """The whole run: which network (`model`), its settings, the process, data, training, sampling."""
 
-    model: str = "unet"  # unet | mlp | classifier
+    model: str = "unet"  # unet | mlp | classifier | autoencoder
     unet: UNetConfig = field(default_factory=UNetConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -199,7 +254,7 @@ def from_dict(data: dict, cls=Config):
     return cls(**kwargs)
 
 
-MODELS = ("unet", "mlp", "classifier")  # what `Config.model` may name (`minildm.build_model` builds it)
+MODELS = ("unet", "mlp", "classifier", "autoencoder")  # what `Config.model` may name (`minildm.build_model` builds it)
 
 
 class ConfigError(ValueError):
@@ -246,7 +301,7 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
                  f"must equal data.image_size={config.data.image_size} (the network sees the images it trains "
                  "on); set both")
 
-    from minildm import classifier, data, diffusion, schedules  # the lists of valid names live beside their code
+    from minildm import autoencoder, classifier, data, diffusion, schedules  # the lists of valid names live beside their code
 
     choice("model", config.model, MODELS)
     if config.model == "unet":
@@ -294,6 +349,34 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
         fits_its_data("classifier", c, [classifier.SPATIAL_WIDTH] if c.pool == "spatial_v2" else [])
         need(config.data.dataset != "toy2d" or own_data, "data.dataset", config.data.dataset,
              "holds 2-D points: the classifier needs images")
+    elif config.model == "autoencoder":
+        e, loss = config.autoencoder, config.autoencoder_loss
+        choice("autoencoder.kind", e.kind, autoencoder.KINDS)
+        for name in ("image_size", "in_channels", "out_channels", "channels", "num_res_blocks", "z_channels",
+                     "embed_dim", "norm_groups"):
+            count(f"autoencoder.{name}", getattr(e, name))
+        need(len(e.channel_mult) > 0 and all(m > 0 for m in e.channel_mult), "autoencoder.channel_mult",
+             e.channel_mult, "must be one or more positive multipliers, e.g. 1,2,4 (f = 2^(levels - 1))")
+        need(all(isinstance(r, int) and r > 0 for r in e.attention_resolutions), "autoencoder.attention_resolutions",
+             e.attention_resolutions, "must be feature-map sides (positive integers), e.g. 16")
+        number("autoencoder.dropout", e.dropout, 0, 1, open_high=True)
+        need(e.kind != "vq" or e.n_embed > 0, "autoencoder.n_embed", e.n_embed,
+             "must be the codebook size (> 0) with autoencoder.kind='vq'")
+        number("autoencoder.beta", e.beta, 0)
+        factor = 2 ** (len(e.channel_mult) - 1)
+        need(e.image_size % factor == 0, "autoencoder.image_size", e.image_size,
+             f"must be divisible by f={factor} (2^(levels - 1) of channel_mult={e.channel_mult})")
+        fits_its_data("autoencoder", e)
+        choice("autoencoder_loss.perceptual", loss.perceptual, ("lpips", "classifier_features", "none"))
+        choice("autoencoder_loss.disc_loss", loss.disc_loss, ("hinge", "vanilla"))
+        for name in ("perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor"):
+            number(f"autoencoder_loss.{name}", getattr(loss, name), 0)
+        number("autoencoder_loss.logvar_init", loss.logvar_init, -30, 20)
+        count("autoencoder_loss.disc_start", loss.disc_start, 0)
+        count("autoencoder_loss.disc_num_layers", loss.disc_num_layers)
+        count("autoencoder_loss.disc_channels", loss.disc_channels)
+        need(config.data.dataset != "toy2d" or own_data, "data.dataset", config.data.dataset,
+             "holds 2-D points: the autoencoder needs images")
     else:
         m = config.mlp
         for name in ("data_dim", "hidden", "num_layers", "time_dim"):

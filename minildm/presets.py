@@ -17,8 +17,8 @@ import copy
 from dataclasses import dataclass
 
 from minildm import config as config_lib
-from minildm.config import (ClassifierConfig, Config, DataConfig, DiffusionConfig, MLPConfig, SampleConfig,
-                            TrainConfig, UNetConfig)
+from minildm.config import (AutoencoderConfig, AutoencoderLossConfig, ClassifierConfig, Config, DataConfig,
+                            DiffusionConfig, MLPConfig, SampleConfig, TrainConfig, UNetConfig)
 
 
 @dataclass(frozen=True)
@@ -416,3 +416,66 @@ _adm_classifier(256, 54_096_360, (1, 1, 2, 2, 4, 4), 2, "linear",
 _adm_classifier(512, 54_448_360, (0.5, 1, 1, 2, 2, 4, 4), 2, "linear",
                 "ADM-G 512: FID 7.72 with adm-imagenet512 at scale 4.0, 250 steps; 8.41 in 25 DDIM steps (Tab. 5, 14)",
                 dict(batch_size=256, lr=3e-4, weight_decay=0.05, max_steps=500_000))
+
+# ---------------------------------------------------------------------------------------------
+# LDM's first-stage autoencoders (Rombach et al. 2022, Tab. 8; latent-diffusion README "Pretrained
+# Autoencoding Models" and models/first_stage_models/*/config.yaml). Counts: encoder, decoder, quant_conv,
+# post_quant_conv (+ codebook), without the training-only loss (LPIPS, discriminator). Trained on OpenImages
+# 256x256 crops by main.py: Adam betas (0.5, 0.9) for the autoencoder and the discriminator, lr = batch x
+# base 4.5e-6 (--scale_lr on one GPU), no EMA, no clipping, no warm-up. LDM steps the two optimisers on
+# alternate calls of training_step (Lightning's optimizer_idx); minildm steps both on every batch.
+
+
+def _ldm_autoencoder(name, kind, params, channel_mult, attention_resolutions, z, n_embed, batch, loss, result,
+                     checkpoint, attention=True):
+    f = 2 ** (len(channel_mult) - 1)
+    return register(Preset(
+        name=name,
+        summary=f"LDM {kind.upper()}-f{f} autoencoder: 256x256x3 <-> {256 // f}x{256 // f}x{z}"
+                + (f", codebook {n_embed}" if n_embed else "") + ("" if attention else ", no attention"),
+        source="Rombach et al. 2022, Tab. 8; latent-diffusion README and " + checkpoint.replace(".zip", "")
+               + "/config.yaml",
+        params=params,
+        result=result,
+        checkpoint=checkpoint,
+        config=Config(
+            model="autoencoder",
+            autoencoder=AutoencoderConfig(kind=kind, image_size=256, channels=128, channel_mult=channel_mult,
+                                          num_res_blocks=2, attention_resolutions=attention_resolutions,
+                                          attention=attention, z_channels=z, embed_dim=z, n_embed=n_embed),
+            autoencoder_loss=AutoencoderLossConfig(**loss),
+            data=DataConfig(dataset="imagefolder", image_size=256, random_flip=False),
+            train=TrainConfig(batch_size=batch, lr=batch * 4.5e-6, adam_betas=(0.5, 0.9), warmup_steps=0,
+                              ema_decay=0.0, grad_clip=0.0, max_steps=1_000_000, sample_every=0,
+                              out_dir=f"runs/{name}"),
+        ),
+    ))
+
+
+_KL_LOSS = dict(perceptual="lpips", kl_weight=1e-6, disc_start=50001, disc_weight=0.5)
+_ldm_autoencoder("ae-kl-f4", "kl", 55_312_063, (1, 2, 4), (), 3, 0, 10, _KL_LOSS,
+                 "rFID 0.27, PSNR 27.53 (README)", "kl-f4.zip")
+_ldm_autoencoder("ae-kl-f8", "kl", 83_653_863, (1, 2, 4, 4), (), 4, 0, 4, _KL_LOSS,
+                 "rFID 0.90, PSNR 24.19 (README); the first stage of LSUN-churches LDM-8 and of Stable Diffusion v1",
+                 "kl-f8.zip")
+_ldm_autoencoder("ae-kl-f16", "kl", 69_610_963, (1, 1, 2, 2, 4), (16,), 16, 0, 6, _KL_LOSS,
+                 "rFID 0.87, PSNR 24.08 (README)", "kl-f16.zip")
+_ldm_autoencoder("ae-kl-f32", "kl", 103_880_131, (1, 1, 2, 2, 4, 4), (16, 8), 64, 0, 6, _KL_LOSS,
+                 "rFID 2.04, PSNR 22.27 (README)", "kl-f32.zip")
+_ldm_autoencoder("ae-vq-f4", "vq", 55_322_782, (1, 2, 4), (), 3, 8192, 8,
+                 dict(perceptual="lpips", disc_start=0, disc_weight=0.75, codebook_weight=1.0),
+                 "rFID 0.58, PSNR 27.43 (README); the first stage of CelebA-HQ / FFHQ / bedrooms LDM-4 and cin256-v2",
+                 "vq-f4.zip")
+_ldm_autoencoder("ae-vq-f4-noattn", "vq", 53_219_486, (1, 2, 4), (), 3, 8192, 8,
+                 dict(perceptual="lpips", disc_start=11, disc_weight=0.75, codebook_weight=1.0),
+                 "rFID 1.06, PSNR 25.21 (README); the first stage of the inpainting model", "vq-f4-noattn.zip",
+                 attention=False)
+_ldm_autoencoder("ae-vq-f8", "vq", 67_717_295, (1, 2, 2, 4), (32,), 4, 16384, 10,
+                 dict(perceptual="lpips", disc_start=1, disc_weight=0.6, disc_num_layers=2, codebook_weight=1.0),
+                 "rFID 1.14, PSNR 23.07 (README); the first stage of cin-ldm-vq-f8", "vq-f8.zip")
+_ldm_autoencoder("ae-vq-f8-n256", "vq", 67_652_783, (1, 2, 2, 4), (32,), 4, 256, 10,
+                 dict(perceptual="lpips", disc_start=250001, disc_weight=0.75, codebook_weight=1.0),
+                 "rFID 1.49, PSNR 22.35 (README)", "vq-f8-n256.zip")
+_ldm_autoencoder("ae-vq-f16", "vq", 69_593_371, (1, 1, 2, 2, 4), (16,), 8, 16384, 14,
+                 dict(perceptual="lpips", disc_start=250001, disc_weight=0.75, disc_num_layers=2, codebook_weight=1.0),
+                 "rFID 5.15, PSNR 20.83 (README)", "vq-f16.zip")

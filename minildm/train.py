@@ -12,7 +12,10 @@ One step (DDPM Algorithm 1, with the usual engineering):
                `diffusion_objective`: diffusion.training_losses      L_simple / L_hybrid / L_vlb
                `noisy_classifier_objective`: CE(classifier(x_t, t), y)  ADM's noise-aware classifier
                `metrics.evaluator_objective`: CE(net(x0), y) + outliers  the shapes evaluator (`train(model=...)`)
+               `AutoencoderObjective`: L1 + perceptual + KL/codebook + GAN  LDM's first stage
     AdamW step with linear warmup (then constant or cosine), gradient-norm clipping, mixed precision on CUDA
+    adversary step (only for an objective with an `adversary`, e.g. the autoencoder's discriminator):
+               its own AdamW on objective.adversary_loss(), same learning rate; saved as a named module
     ema     <- d * ema + (1 - d) * model, d = min(decay, (1+k)/(10+k))  the weights that are sampled
 
 Exact resume: every random draw of a step (its batch, t, noise, dropout masks, random flips)
@@ -83,9 +86,55 @@ def noisy_classifier_objective(diffusion):
     return objective
 
 
-def default_objective(config, diffusion):
-    """The objective of `config.model`: the noisy-classifier loss for "classifier", else the diffusion loss."""
-    return noisy_classifier_objective(diffusion) if config.model == "classifier" else diffusion_objective(diffusion)
+class AutoencoderObjective:
+    """LDM's first-stage training (`AutoencoderKL` / `VQModel.training_step`): an adversarial objective.
+
+    Calling it gives the autoencoder's loss (reconstruction + perceptual + KL or codebook + adaptive GAN term,
+    `minildm.autoencoder_loss.AutoencoderLoss.generator_loss`), [N]; `adversary_loss()` then gives its
+    PatchGAN discriminator's hinge loss on the same images and reconstructions (detached), which the loop
+    minimises with a second optimiser. The loop calls `begin_step(step)` first (the discriminator joins at
+    autoencoder_loss.disc_start) and saves `adversary` in checkpoints as "discriminator".
+    """
+
+    adversary_name = "discriminator"
+
+    def __init__(self, config, autoencoder):
+        from minildm.autoencoder_loss import AutoencoderLoss
+
+        self.kind = config.autoencoder.kind
+        self.loss = AutoencoderLoss(config.autoencoder_loss, self.kind, config.autoencoder.out_channels).train()
+        self.adversary = self.loss.discriminator
+        self.autoencoder = checkpoints._unwrap(autoencoder)  # its decoder's last layer sets the GAN weight
+        self.step, self.log, self._last = 0, {}, None
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, model, x0, y, t, noise):
+        if self.kind == "kl":
+            reconstruction, regulariser = model(x0)  # decodes a sample of q(z | x0)
+        else:
+            reconstruction, regulariser, _ = model(x0)  # the codebook loss
+        self._last = (x0, reconstruction.detach())
+        losses, self.log = self.loss.generator_loss(x0, reconstruction, regulariser, self.step,
+                                                    last_layer=self.autoencoder.last_layer)
+        return losses
+
+    def adversary_loss(self) -> torch.Tensor:
+        x0, reconstruction = self._last
+        loss, log = self.loss.discriminator_loss(x0, reconstruction, self.step)
+        self.log.update(log)
+        return loss
+
+
+def default_objective(config, diffusion, model=None):
+    """The objective of `config.model`: the noisy-classifier loss for "classifier", LDM's first-stage loss for
+    "autoencoder" (needs the `model`), else the diffusion loss."""
+    if config.model == "classifier":
+        return noisy_classifier_objective(diffusion)
+    if config.model == "autoencoder":
+        return AutoencoderObjective(config, model)
+    return diffusion_objective(diffusion)
 
 
 class Trained(NamedTuple):
@@ -329,8 +378,12 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
     """Train `config`'s model (or `model`) on its data (or on `dataset`); returns `Trained(model, ema)`.
 
     objective: what a step minimises, objective(model, x0, y, t, noise) -> losses [N] (see the objectives
-    above); default `default_objective(config, diffusion)`: a denoiser's diffusion loss, or the noisy
-    cross-entropy of a classifier (`config.model == "classifier"`, ADM's recipe).
+    above); default `default_objective(config, diffusion, model)`: a denoiser's diffusion loss, the noisy
+    cross-entropy of a classifier (`config.model == "classifier"`, ADM's recipe) or LDM's first-stage loss
+    (`config.model == "autoencoder"`). Optional parts of an objective: `begin_step(step)` (called before each
+    step), `log` (a dict of its terms, written to log.jsonl), and `adversary` (an nn.Module) with
+    `adversary_loss()`: a second network trained after each step with its own optimiser (`adversary_name`
+    names it in checkpoints).
 
     dataset: your own data instead of config.data's: a tensor of images [N, C, H, W] in [-1, 1], an
     (images, labels) pair, or any map-style dataset whose items are an image, (image, label) or
@@ -386,12 +439,26 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                       weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        objective = default_objective(config, diffusion, model) if objective is None else objective
+        # An adversarial objective (a GAN's discriminator) brings a second network with its own optimiser.
+        adversary = getattr(objective, "adversary", None)
+        extra_modules, extra_optimizers = {}, {}
+        if adversary is not None:
+            if env.world_size > 1:
+                raise NotImplementedError("objectives with an adversary (the autoencoder's discriminator) train in "
+                                          "one process; run without torchrun")
+            adversary.to(device).train()
+            adversary_optimizer = torch.optim.AdamW(adversary.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                                    weight_decay=cfg.weight_decay)
+            name = getattr(objective, "adversary_name", "adversary")
+            extra_modules, extra_optimizers = {name: adversary}, {name: adversary_optimizer}
 
         step = 0
         checkpoint_path = out_dir / CHECKPOINT
         if resume and checkpoint_path.is_file():
             state = checkpoints.load_training_state(checkpoint_path, model, ema=ema, optimizer=optimizer,
-                                                    scaler=scaler)
+                                                    scaler=scaler, modules=extra_modules,
+                                                    optimizers=extra_optimizers)
             step = state["step"]
             if verbose and env.main:
                 _note_config_changes(state["config"], config)
@@ -410,7 +477,6 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
         if conditional and not own_model and dataset_classes is not None and dataset_classes > classes:
             raise ValueError(f"the dataset has {dataset_classes} classes but {classes_key}={classes}; "
                              f"set {classes_key}={dataset_classes}")
-        objective = default_objective(config, diffusion) if objective is None else objective
         sampler = StepBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=step, rank=env.rank,
                               world_size=env.world_size)
         # A private generator: creating the loader draws nothing from the global RNG.
@@ -424,9 +490,12 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
         forward = torch.compile(ddp_model) if cfg.compile else ddp_model
 
         def network(x, *args, **kwargs):
-            # Mixed precision covers the network only; the loss is computed in float32.
+            # Mixed precision covers the network only; the loss is computed in float32 (tensors of a tuple too).
             with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-                return forward(x, *args, **kwargs).float()
+                output = forward(x, *args, **kwargs)
+            if isinstance(output, tuple):
+                return tuple(o.float() if torch.is_tensor(o) and o.is_floating_point() else o for o in output)
+            return output.float()
 
         t_generator, noise_generator = torch.Generator(), torch.Generator(device)
         log_loss, log_count, log_time = torch.zeros((), device=device), 0, time.perf_counter()
@@ -456,8 +525,11 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
             else:
                 y = None
 
+            lr = learning_rate(cfg, step, total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step, total_steps)
+                group["lr"] = lr
+            if hasattr(objective, "begin_step"):
+                objective.begin_step(step)
             loss = objective(network, x0, y, t, noise).mean()
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -471,6 +543,16 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if adversary is not None:  # the discriminator's step, on this step's images and reconstructions
+                adversary_loss = objective.adversary_loss().mean()
+                if not torch.isfinite(adversary_loss):
+                    raise TrainingDiverged(f"the {name}'s loss is {adversary_loss.item()} at step {step + 1}; "
+                                           "resume from the last checkpoint with a lower train.lr")
+                for group in adversary_optimizer.param_groups:
+                    group["lr"] = lr
+                adversary_optimizer.zero_grad(set_to_none=True)
+                adversary_loss.backward()
+                adversary_optimizer.step()
             update_ema(ema, model, ema_decay(cfg, step))
             done = step + 1
 
@@ -483,7 +565,8 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
                     dist.all_reduce(log_loss)
                     log_loss /= env.world_size
                 record = {"step": done, "loss": log_loss.item() / log_count, "lr": optimizer.param_groups[0]["lr"],
-                          "steps_per_s": log_count / (time.perf_counter() - log_time)}
+                          "steps_per_s": log_count / (time.perf_counter() - log_time),
+                          **getattr(objective, "log", {})}  # an objective's own terms, of the last step
                 if env.main:
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                     if writes:
@@ -497,7 +580,8 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
                 if env.main:
                     try:  # save refuses non-finite weights: the last good checkpoint stays
                         checkpoints.save(checkpoint_path, model, config, ema=ema, optimizer=optimizer,
-                                         scaler=scaler, step=done, extra={"world_size": env.world_size})
+                                         scaler=scaler, step=done, extra={"world_size": env.world_size},
+                                         modules=extra_modules, optimizers=extra_optimizers)
                     except checkpoints.NonFiniteWeightsError as error:
                         raise TrainingDiverged(f"after step {done}: {error}") from None
                 if env.world_size > 1:
@@ -534,7 +618,7 @@ def check_examples(config, example: torch.Tensor, label=None, *, conditional: bo
         if example.ndim == 3:
             _check_range(example)
         return
-    if config.model in ("unet", "classifier"):
+    if config.model in ("unet", "classifier", "autoencoder"):
         net = getattr(config, config.model)
         expected = (net.in_channels, net.image_size, net.image_size)
         what = f"{config.model}.in_channels={net.in_channels}, {config.model}.image_size={net.image_size}"

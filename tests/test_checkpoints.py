@@ -112,7 +112,8 @@ def test_every_official_preset_has_a_documented_url():
     assert len(with_checkpoint) >= 12
     for name in with_checkpoint:
         url = checkpoints.official_url(name)
-        assert url.startswith("https://openaipublic.blob.core.windows.net/diffusion/")
+        assert url.startswith(("https://openaipublic.blob.core.windows.net/diffusion/",  # OpenAI
+                               "https://ommer-lab.com/files/latent-diffusion/"))  # latent-diffusion's model zoo
         assert url.endswith("/" + presets.info(name).checkpoint)
     assert checkpoints.official_url("adm-imagenet64").endswith("/jul-2021/64x64_diffusion.pt")
     assert checkpoints.official_url("iddpm-cifar10").endswith("/march-2021/cifar10_uncond_50M_500K.pt")
