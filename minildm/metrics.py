@@ -597,6 +597,61 @@ def sample_for_scoring(model, config, num: int, *, batch_size=128, sampler="ddim
     return torch.cat(samples), labels
 
 
+# ---------------------------------------------------------------------------------------------
+# Reconstruction quality of an autoencoder (LDM's first stage): PSNR, SSIM, reconstruction Fréchet distance
+
+
+def _check_pair(images: torch.Tensor, reconstructions: torch.Tensor) -> None:
+    if not (isinstance(images, torch.Tensor) and isinstance(reconstructions, torch.Tensor)):
+        raise TypeError("images and reconstructions must be torch.Tensors [N, C, H, W] in [-1, 1]")
+    if images.shape != reconstructions.shape or images.ndim != 4:
+        raise ValueError(f"images and reconstructions must be [N, C, H, W] of the same shape, one reconstruction per "
+                         f"image; got {tuple(images.shape)} and {tuple(reconstructions.shape)}")
+
+
+def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image [N], in dB: 10 log10(range^2 / MSE) with range 2 for [-1, 1] images.
+
+    MSE is the mean over C, H, W of one image; so 10 log10(4 / MSE), the same number as on [0, 1] images with
+    range 1. Identical images (MSE 0) give inf. Clamp decoder outputs to [-1, 1] first, as saved images are.
+    """
+    _check_pair(images, reconstructions)
+    mse = (images.double() - reconstructions.double()).square().flatten(1).mean(dim=1)
+    return (10 * torch.log10(4.0 / mse)).float()  # 4 / 0 = inf -> inf dB
+
+
+def ssim(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Structural similarity per image [N] (Wang et al. 2004): torchmetrics' `structural_similarity_index_measure`.
+
+    Computed on images mapped from [-1, 1] to [0, 1] with data_range 1: Gaussian window 11x11, sigma 1.5,
+    K1 = 0.01, K2 = 0.03 (torchmetrics' defaults, the paper's); the SSIM map is averaged over channels and every
+    pixel, the borders reflected (torchmetrics' convention: scikit-image drops the 5-pixel border instead, which
+    changes the number on small images). 1 for identical images. Sides must be larger than 5 (the reflection).
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _check_pair(images, reconstructions)
+    return structural_similarity_index_measure((reconstructions.float() + 1) / 2, (images.float() + 1) / 2,
+                                               gaussian_kernel=True, sigma=1.5, kernel_size=11,
+                                               data_range=1.0, reduction="none")
+
+
+def reconstruction_distance(images: torch.Tensor, reconstructions: torch.Tensor,
+                            evaluator: ShapesEvaluator | None = None) -> float:
+    """Reconstruction Fréchet distance on shapes-evaluator features: originals vs their reconstructions.
+
+    LDM's rFID with the shipped shapes evaluator (`classify`'s 64-d features) in place of Inception, so only
+    comparable between autoencoders scored on the same images. Both [N, 3, H, W] in [-1, 1], N >= 2; the
+    reconstructions are clamped to [-1, 1] first (decoders overshoot; saved images would be clamped). 0 for
+    perfect reconstructions, whatever N (the two feature sets are then the same).
+    """
+    _check_pair(images, reconstructions)
+    evaluator = evaluator if evaluator is not None else load_evaluator()
+    real = classify(images, evaluator)["features"]
+    rebuilt = classify(reconstructions.clamp(-1, 1), evaluator)["features"]
+    return frechet_distance(rebuilt, real)
+
+
 def main(argv=None) -> int:
     import argparse
 
