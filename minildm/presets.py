@@ -158,6 +158,39 @@ register(Preset(
     ),
 ))
 
+# LDM's first stage in small (chapter 05, used by chapter 06): 32x32 shapes <-> 8x8x3 latents (f = 4, 16x fewer
+# numbers). LDM's architecture and loss at width 32, one res block per level; the perceptual term is the
+# offline substitute (distances of shapes-classifier features, not LPIPS); the two-layer PatchGAN (LDM's vq-f8
+# depth: 6x6 patches of a 32x32 image) joins halfway. Adam betas (0.5, 0.9) as LDM, a higher lr for the small net.
+
+
+def _shapes_autoencoder(kind, summary, loss, **autoencoder):
+    name = f"ae-{kind}-f4-shapes"
+    return register(Preset(
+        name=name,
+        summary=summary,
+        config=Config(
+            model="autoencoder",
+            autoencoder=AutoencoderConfig(kind=kind, image_size=32, channels=32, channel_mult=(1, 2, 2),
+                                          num_res_blocks=1, attention_resolutions=(), z_channels=3, embed_dim=3,
+                                          norm_groups=8, **autoencoder),
+            autoencoder_loss=AutoencoderLossConfig(perceptual="classifier_features", disc_start=1500,
+                                                   disc_num_layers=2, **loss),
+            data=DataConfig(dataset="shapes", image_size=32, random_flip=False, num_samples=20_000),
+            train=TrainConfig(batch_size=16, lr=1e-3, adam_betas=(0.5, 0.9), warmup_steps=100, max_steps=3000,
+                              lr_schedule="cosine", lr_decay_steps=1000, grad_clip=0.0, ema_decay=0.0,
+                              sample_every=0, save_every=500, log_every=50, out_dir=f"runs/{name}"),
+        ),
+    ))
+
+
+_shapes_autoencoder("kl", "KL autoencoder for 32x32 shapes, f=4 (8x8x3 latent): ch 32, mult 1,2,2, LDM's loss with "
+                    "a classifier-feature perceptual term (chapters 05-06)",
+                    dict(kl_weight=1e-6, disc_weight=0.5))
+_shapes_autoencoder("vq", "VQ autoencoder for 32x32 shapes, f=4 (8x8x3 latent, 256 codes): ch 32, mult 1,2,2, "
+                    "taming's loss with a classifier-feature perceptual term (chapters 05-06)",
+                    dict(codebook_weight=1.0, disc_weight=0.75), n_embed=256)
+
 # ---------------------------------------------------------------------------------------------
 # DDPM, Ho et al. 2020 (hojonathanho/diffusion): Adam (= AdamW with weight decay 0),
 # warmup 5000, grad clip 1, EMA 0.9999, random flips, T=1000 linear betas 1e-4..0.02.

@@ -120,7 +120,10 @@ class AutoencoderObjective:
                                                     last_layer=self.autoencoder.last_layer)
         return losses
 
-    def adversary_loss(self) -> torch.Tensor:
+    def adversary_loss(self) -> torch.Tensor | None:
+        """The discriminator's loss on this step's images, or None before disc_start (no step to take)."""
+        if self.loss.disc_factor_at(self.step) == 0:
+            return None
         x0, reconstruction = self._last
         loss, log = self.loss.discriminator_loss(x0, reconstruction, self.step)
         self.log.update(log)
@@ -382,8 +385,8 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
     cross-entropy of a classifier (`config.model == "classifier"`, ADM's recipe) or LDM's first-stage loss
     (`config.model == "autoencoder"`). Optional parts of an objective: `begin_step(step)` (called before each
     step), `log` (a dict of its terms, written to log.jsonl), and `adversary` (an nn.Module) with
-    `adversary_loss()`: a second network trained after each step with its own optimiser (`adversary_name`
-    names it in checkpoints).
+    `adversary_loss()` (None: no adversary step this time): a second network trained after each step with its
+    own optimiser (`adversary_name` names it in checkpoints).
 
     dataset: your own data instead of config.data's: a tensor of images [N, C, H, W] in [-1, 1], an
     (images, labels) pair, or any map-style dataset whose items are an image, (image, label) or
@@ -543,8 +546,9 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            if adversary is not None:  # the discriminator's step, on this step's images and reconstructions
-                adversary_loss = objective.adversary_loss().mean()
+            adversary_loss = objective.adversary_loss() if adversary is not None else None
+            if adversary_loss is not None:  # the discriminator's step, on this step's images and reconstructions
+                adversary_loss = adversary_loss.mean()
                 if not torch.isfinite(adversary_loss):
                     raise TrainingDiverged(f"the {name}'s loss is {adversary_loss.item()} at step {step + 1}; "
                                            "resume from the last checkpoint with a lower train.lr")
