@@ -6,8 +6,8 @@ quantised latent), the reconstruction Fréchet distance on shapes-evaluator feat
 Inception features), the latent's standard deviation and scale factor, and for VQ models the codebook usage.
 
     python -m minildm.experiments.autoencoders ship ae-kl-f4-shapes          # a shipped model and its card
-    python -m minildm.experiments.autoencoders rate-distortion --steps 1500  # KL at f = 2, 4, 8 (LDM Fig. 2, Tab. 8)
-    python -m minildm.experiments.autoencoders losses --steps 1500           # L1 / + perceptual / + GAN at f = 4
+    python -m minildm.experiments.autoencoders rate-distortion --steps 2000  # KL at f = 2, 4, 8 (LDM Fig. 2, Tab. 8)
+    python -m minildm.experiments.autoencoders losses --steps 2000           # L1 / + perceptual / + GAN at f = 4
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _variant(base: str, overrides: list[str], steps: int):
     config.train.max_steps = steps
     config.autoencoder_loss.disc_start = min(config.autoencoder_loss.disc_start, steps // 2)
     config.train.lr_decay_steps = steps // 3
-    config.train.save_every = 0
+    config.train.save_every = steps  # the finished run is kept: a second sweep with the same variant reuses it
     return config
 
 
@@ -127,20 +127,36 @@ LOSSES = {  # what each term of LDM's loss buys, at f = 4
 }
 
 
-def sweep(variants: dict, steps: int, *, base="ae-kl-f4-shapes", run_root="runs/autoencoders", out=None) -> dict:
-    """Train each variant (preset `base` + overrides) for `steps` steps and score it; returns and writes a report."""
-    rows = {}
+def sweep(variants: dict, steps: int, *, base="ae-kl-f4-shapes", run_root="runs/autoencoders", out=None,
+          grid=None) -> dict:
+    """Train each variant (preset `base` + overrides) for `steps` steps and score it; returns and writes a report.
+
+    A variant whose finished run is already in `run_root` (same base, overrides and steps) is scored, not
+    retrained. grid: a PNG of 8 held-out images (top row) and each variant's reconstructions (one row each).
+    """
+    rows, grids = {}, [heldout_images(8)]
     for key, overrides in variants.items():
         config = _variant(base, overrides, steps)
-        slug = str(key).replace(" ", "").replace("+", "_")
-        ae, seconds = train_one(config, Path(run_root) / f"{base}-{slug}", verbose=False)
+        slug = "-".join(o.split(".")[-1].replace("=", "") for o in sorted(overrides)).replace(",", "") or "base"
+        run_dir = Path(run_root) / f"{base}-{steps}-{slug}"
+        timing = run_dir / "seconds.json"
+        ae, seconds = train_one(config, run_dir, verbose=False)
+        if timing.is_file():  # trained by an earlier sweep: report that run's time
+            seconds = json.loads(timing.read_text())["train_seconds"]
+        else:
+            timing.write_text(json.dumps({"train_seconds": seconds}))
         rows[str(key)] = {**evaluate(ae), "overrides": overrides, "train_seconds": seconds}
+        grids.append(reconstruct(ae, grids[0]))
         print(key, {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[str(key)].items()}, flush=True)
     report = {"base": base, "steps": steps, "rows": rows, "threads": torch.get_num_threads(),
               "machine": platform.machine(), "command": " ".join(["python -m minildm.experiments.autoencoders",
                                                                  *sys.argv[1:]])}
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    if grid:
+        from torchvision.utils import save_image
+
+        save_image((torch.cat(grids).clamp(-1, 1) + 1) / 2, grid, nrow=len(grids[0]), padding=1)
     return report
 
 
@@ -152,16 +168,17 @@ def main(argv=None) -> int:
     ship_parser.add_argument("name", choices=["ae-kl-f4-shapes", "ae-vq-f4-shapes"])
     for command in ("rate-distortion", "losses"):
         p = sub.add_parser(command)
-        p.add_argument("--steps", type=int, default=1500)
+        p.add_argument("--steps", type=int, default=2000)
         p.add_argument("--base", default="ae-kl-f4-shapes")
         p.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.command == "ship":
         print(json.dumps(ship(args.name), indent=2))
-    elif args.command == "rate-distortion":
-        sweep(RATE_DISTORTION, args.steps, base=args.base, out=args.out or RESULTS / "ae_rate_distortion.json")
     else:
-        sweep(LOSSES, args.steps, base=args.base, out=args.out or RESULTS / "ae_losses.json")
+        variants, stem = (RATE_DISTORTION, "ae_rate_distortion") if args.command == "rate-distortion" \
+            else (LOSSES, "ae_losses")
+        out = Path(args.out or RESULTS / f"{stem}.json")
+        sweep(variants, args.steps, base=args.base, out=out, grid=out.with_name(f"{stem}_reconstructions.png"))
     return 0
 
 
