@@ -607,3 +607,109 @@ def check_log_prob_gradient(log_prob_gradient) -> None:
                                x_t, float("nan")), "multiply by the scale s"),
                            (scale * gradient_of(lambda z: z.log_softmax(-1)),
                             "take the log-probability of the requested class y only")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 05: the autoencoder
+
+
+@_exercise("Exercise 1 (ldm_downsample)")
+def check_ldm_downsample(ldm_downsample) -> None:
+    """ldm_downsample(x, weight, bias) -> LDM's autoencoder downsampling of x [N, C, H, W] (H, W even).
+
+    Compared with `autoencoder.Downsample` holding the same 3x3 weight [C, C, 3, 3] and bias [C] on several
+    random inputs (float64), including odd-looking sides, so padding and stride must both be right.
+    """
+    from minildm import autoencoder
+
+    for seed, (n, c, side) in enumerate([(2, 3, 8), (1, 4, 6), (3, 2, 10)]):
+        generator = torch.Generator().manual_seed(500 + seed)
+        x = torch.randn(n, c, side, side + 2, generator=generator, dtype=torch.float64)
+        down = autoencoder.Downsample(c).double()
+        with torch.no_grad():
+            down.conv.weight.copy_(torch.randn(c, c, 3, 3, generator=generator, dtype=torch.float64))
+            down.conv.bias.copy_(torch.randn(c, generator=generator, dtype=torch.float64))
+            weight, bias = down.conv.weight.clone(), down.conv.bias.clone()
+            expected = down(x)
+            mine = ldm_downsample(x.clone(), weight, bias)
+            symmetric = torch.nn.functional.conv2d(x, weight, bias, stride=2, padding=1)
+        _compare(mine, expected, f"ldm_downsample(x) for x of shape {tuple(x.shape)}",
+                 "pad one column on the right and one row at the bottom (F.pad(x, (0, 1, 0, 1))), then a 3x3 "
+                 "convolution with stride 2 and no padding",
+                 mistakes=[(symmetric, "that is ADM's downsampling (padding=1 on every side): LDM pads only the "
+                                       "right and bottom, so every output looks one pixel further down-right")])
+
+
+@_exercise("Exercise 2 (gaussian_kl)")
+def check_gaussian_kl(gaussian_kl) -> None:
+    """gaussian_kl(mean, logvar) -> KL(N(mean, exp(logvar)) || N(0, I)) per example [N], summed over C, H, W.
+
+    Compared with `autoencoder.DiagonalGaussian(...).kl()` on random moments (float64).
+    """
+    from minildm import autoencoder
+
+    generator = torch.Generator().manual_seed(510)
+    mean = torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64) * 2
+    logvar = torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64)
+    expected = autoencoder.DiagonalGaussian(torch.cat([mean, logvar], dim=1)).kl()
+    mine = gaussian_kl(mean.clone(), logvar.clone())
+    var = logvar.exp()
+    _compare(mine, expected, "gaussian_kl(mean, logvar)",
+             "KL = 0.5 * sum over channels and pixels of (mean^2 + var - 1 - logvar), with var = exp(logvar)",
+             mistakes=[(2 * expected, "you forgot the factor 0.5"),
+                       ((mean**2 + var - 1 - logvar).mean(dim=(1, 2, 3)) / 2,
+                        "sum over channels and pixels (LDM does), do not average"),
+                       (0.5 * (mean**2 + (0.5 * logvar).exp() - 1 - logvar).sum(dim=(1, 2, 3)),
+                        "var = exp(logvar); exp(logvar / 2) is the standard deviation")])
+
+
+@_exercise("Exercise 3 (nearest_code)")
+def check_nearest_code(nearest_code) -> None:
+    """nearest_code(z, codebook) -> int64 indices [N*h*w] of the nearest code (squared L2) for z [N, D, h, w],
+    codebook [K, D], in (n, h, w) order: what `autoencoder.VectorQuantizer` returns as its third output."""
+    from minildm import autoencoder
+
+    generator = torch.Generator().manual_seed(520)
+    quantiser = autoencoder.VectorQuantizer(12, 3)
+    with torch.no_grad():  # codes of very different norms: the nearest is not the one with the largest dot product
+        quantiser.embedding.weight.copy_(torch.randn(12, 3, generator=generator) * torch.linspace(0.2, 3, 12)[:, None])
+    z = torch.randn(2, 3, 4, 5, generator=generator)
+    expected = quantiser(z)[2]
+    codebook = quantiser.embedding.weight.detach().clone()
+    mine = nearest_code(z.clone(), codebook.clone())
+    mine = torch.as_tensor(mine)
+    if mine.shape != expected.shape:
+        raise NotYet(f"nearest_code returned shape {tuple(mine.shape)}; it should be [N*h*w] = {tuple(expected.shape)} "
+                     "(one index per latent pixel). Hint: move the channels last, then flatten to [N*h*w, D]")
+    if torch.equal(mine.long(), expected):
+        return
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 3)
+    if torch.equal(mine.long(), (flat @ codebook.T).argmax(dim=1)):
+        raise NotYet("that is the code with the largest dot product, which differs from the nearest one when the "
+                     "codes have different lengths. Hint: |z - e|^2 = |z|^2 - 2 z.e + |e|^2")
+    if torch.equal(mine.long(), torch.cdist(z.reshape(-1, 3), codebook).argmin(dim=1)):
+        raise NotYet("z.reshape(-1, D) mixes channels and pixels: z is [N, D, h, w], so each pixel's vector is "
+                     "z[n, :, i, j]. Hint: z.permute(0, 2, 3, 1) first")
+    wrong = (mine.long() != expected).float().mean().item()
+    raise NotYet(f"{wrong:.0%} of the indices differ. Hint: argmin over the codebook of the squared distance, in "
+                 "(n, h, w) order")
+
+
+@_exercise("Exercise 4 (scale_factor)")
+def check_scale_factor(scale_factor) -> None:
+    """scale_factor(latents) -> the float LDM multiplies latents by so that they have unit variance.
+
+    latents [N, C, h, w] with per-channel offsets and widths; compared with `1 / latents.flatten().std()`, LDM's
+    `scale_by_std` (one number for all channels), as `autoencoder.latent_scale_factor` computes it.
+    """
+    generator = torch.Generator().manual_seed(530)
+    latents = torch.randn(64, 4, 8, 8, generator=generator) * torch.tensor([0.5, 2.0, 4.0, 1.0]).view(1, 4, 1, 1) \
+        + torch.tensor([0.0, 1.0, -2.0, 0.5]).view(1, 4, 1, 1)
+    expected = 1.0 / latents.flatten().std()
+    mine = scale_factor(latents.clone())
+    _compare(mine, expected, "scale_factor(latents)",
+             "one number for all latents: 1 / (standard deviation over every element)",
+             mistakes=[(latents.flatten().std(), "multiplying by the std makes the spread larger: invert it"),
+                       (1.0 / latents.flatten().var(), "1 / variance: the scaled latents would have variance 1/var"),
+                       (1.0 / latents.std(dim=(0, 2, 3)), "LDM uses one factor for all channels, not one each")],
+             rtol=1e-4, atol=1e-6, broadcast=False)

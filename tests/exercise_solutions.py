@@ -128,3 +128,26 @@ def log_prob_gradient(classifier, x_t, t, y, scale):
         log_probs = torch.log_softmax(classifier(x, t), dim=-1)
         selected = log_probs[torch.arange(len(y)), y]
         return scale * torch.autograd.grad(selected.sum(), x)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 05: the autoencoder
+
+
+def ldm_downsample(x, weight, bias):
+    # pad right and bottom by one (TensorFlow's 'SAME' for stride 2), then a 3x3 convolution with stride 2
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), weight, bias, stride=2)
+
+
+def gaussian_kl(mean, logvar):
+    return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
+
+
+def nearest_code(z, codebook):
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # [N*h*w, D], (n, h, w) order
+    distances = (flat**2).sum(1, keepdim=True) - 2 * flat @ codebook.T + (codebook**2).sum(1)
+    return distances.argmin(dim=1)
+
+
+def scale_factor(latents):
+    return 1.0 / latents.flatten().std().item()

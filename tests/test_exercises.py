@@ -374,3 +374,83 @@ def test_chapter_04_hints_name_the_mistake(capsys):
     assert "not sqrt(alpha_bar_t)" in out[1]
     assert "variance channels are not guided" in out[2]
     assert "log-probability" in out[3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 05: the autoencoder
+
+
+def downsample_symmetric(x, weight, bias):  # ADM's padding
+    return torch.nn.functional.conv2d(x, weight, bias, stride=2, padding=1)
+
+
+def downsample_left_top(x, weight, bias):
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 0, 1, 0)), weight, bias, stride=2)
+
+
+def kl_without_half(mean, logvar):
+    return (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
+
+
+def kl_averaged(mean, logvar):
+    return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean(dim=(1, 2, 3))
+
+
+def kl_with_std(mean, logvar):
+    return 0.5 * (mean**2 + (0.5 * logvar).exp() - 1 - logvar).sum(dim=(1, 2, 3))
+
+
+def nearest_by_dot_product(z, codebook):
+    return (z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) @ codebook.T).argmax(dim=1)
+
+
+def nearest_channels_mixed(z, codebook):
+    return torch.cdist(z.reshape(-1, z.shape[1]), codebook).argmin(dim=1)
+
+
+def nearest_per_image(z, codebook):  # [N, h*w]: right values, wrong shape
+    return torch.cdist(z.permute(0, 2, 3, 1).reshape(len(z), -1, z.shape[1]), codebook[None]).argmin(dim=2)
+
+
+def scale_by_std(latents):
+    return latents.flatten().std().item()
+
+
+def scale_by_variance(latents):
+    return 1.0 / latents.flatten().var().item()
+
+
+def scale_per_channel(latents):
+    return 1.0 / latents.std(dim=(0, 2, 3))
+
+
+CASES_05 = {
+    "ldm_downsample": (exercises.check_ldm_downsample, solutions.ldm_downsample,
+                       [downsample_symmetric, downsample_left_top]),
+    "gaussian_kl": (exercises.check_gaussian_kl, solutions.gaussian_kl, [kl_without_half, kl_averaged, kl_with_std]),
+    "nearest_code": (exercises.check_nearest_code, solutions.nearest_code,
+                     [nearest_by_dot_product, nearest_channels_mixed, nearest_per_image]),
+    "scale_factor": (exercises.check_scale_factor, solutions.scale_factor,
+                     [scale_by_std, scale_by_variance, scale_per_channel]),
+}
+MISTAKES_05 = [(name, mistake) for name, (_, _, mistakes) in CASES_05.items() for mistake in mistakes]
+
+
+@pytest.mark.parametrize("name", list(CASES_05))
+def test_chapter_05_check_accepts_the_reference_solution(name, capsys):
+    check, solution, _ = CASES_05[name]
+    assert check(solution) is True
+    assert ": correct" in verdict(capsys)
+
+
+@pytest.mark.parametrize("name, mistake", MISTAKES_05, ids=[f"{name}-{m.__name__}" for name, m in MISTAKES_05])
+def test_chapter_05_check_rejects_a_typical_mistake(name, mistake, capsys):
+    check = CASES_05[name][0]
+    assert check(mistake) is False
+    assert ": not yet: " in verdict(capsys)
+
+
+@pytest.mark.parametrize("name", list(CASES_05))
+def test_chapter_05_check_answers_the_stub_without_raising(name, capsys):
+    assert CASES_05[name][0](stub) is False
+    assert verdict(capsys).endswith("not attempted yet: fill in the cell above")
