@@ -120,6 +120,16 @@ class AutoencoderObjective:
                                                     last_layer=self.autoencoder.last_layer)
         return losses
 
+    def final_extra(self, autoencoder, dataset) -> dict:
+        """Stored with the last checkpoint: the latent scale factor, 1 / std of the latents of (up to) the first
+        2,000 training images (`autoencoder.latent_scale_factor`; LDM's scale_by_std uses one batch)."""
+        from minildm import autoencoder as autoencoder_lib
+
+        images = torch.stack([dataset[i][0] for i in range(min(2000, len(dataset)))])
+        device = autoencoder.last_layer.device
+        return {"scale_factor": autoencoder_lib.latent_scale_factor(
+            autoencoder.eval(), images.to(device), generator=torch.Generator(device).manual_seed(0))}
+
     def adversary_loss(self) -> torch.Tensor | None:
         """The discriminator's loss on this step's images, or None before disc_start (no step to take)."""
         if self.loss.disc_factor_at(self.step) == 0:
@@ -384,7 +394,8 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
     above); default `default_objective(config, diffusion, model)`: a denoiser's diffusion loss, the noisy
     cross-entropy of a classifier (`config.model == "classifier"`, ADM's recipe) or LDM's first-stage loss
     (`config.model == "autoencoder"`). Optional parts of an objective: `begin_step(step)` (called before each
-    step), `log` (a dict of its terms, written to log.jsonl), and `adversary` (an nn.Module) with
+    step), `log` (a dict of its terms, written to log.jsonl), `final_extra(ema, dataset)` (a dict stored in the
+    last checkpoint's metadata, e.g. the autoencoder's latent scale factor), and `adversary` (an nn.Module) with
     `adversary_loss()` (None: no adversary step this time): a second network trained after each step with its
     own optimiser (`adversary_name` names it in checkpoints).
 
@@ -582,9 +593,12 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
                 save_samples(ema, diffusion, config, out_dir / "samples" / f"step_{done:07d}.png", seed=cfg.seed)
             if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total_steps or stop.requested):
                 if env.main:
+                    extra = {"world_size": env.world_size}
+                    if done == total_steps and hasattr(objective, "final_extra"):  # e.g. the latent scale factor
+                        extra.update(objective.final_extra(ema, dataset))
                     try:  # save refuses non-finite weights: the last good checkpoint stays
                         checkpoints.save(checkpoint_path, model, config, ema=ema, optimizer=optimizer,
-                                         scaler=scaler, step=done, extra={"world_size": env.world_size},
+                                         scaler=scaler, step=done, extra=extra,
                                          modules=extra_modules, optimizers=extra_optimizers)
                     except checkpoints.NonFiniteWeightsError as error:
                         raise TrainingDiverged(f"after step {done}: {error}") from None

@@ -121,3 +121,13 @@ def test_shipped_autoencoders_score_what_their_cards_say(name):
     assert report["ssim"] == pytest.approx(card["ssim"], abs=0.02)
     assert report["psnr"] > 25 and report["ssim"] > 0.9
     assert (path.parent / f"{name}.md").read_text().count(card["command"]) == 1
+
+
+def test_the_last_checkpoint_stores_the_latent_scale_factor(tmp_path):
+    cfg = tiny_config(disc_start=100)
+    cfg.train.save_every = 1
+    model = train.train(cfg, out_dir=tmp_path, max_steps=2, verbose=False).ema
+    extra = checkpoints.read_metadata(tmp_path / train.CHECKPOINT)["extra"]
+    images = minildm.data.build_dataset(cfg.data, train=True).tensors()[0]
+    expected = autoencoder.latent_scale_factor(model, images, generator=torch.Generator().manual_seed(0))
+    assert extra["scale_factor"] == pytest.approx(expected)
