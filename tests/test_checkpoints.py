@@ -156,3 +156,33 @@ def test_official_state_dict_loads_strictly_and_reports_differences(tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "official.pt").read_bytes()[:1000])
     with pytest.raises(checkpoints.CheckpointError, match="download it again"):
         checkpoints.load_official_file(tmp_path / "cut.pt", config)
+
+
+def test_named_modules_and_their_optimizers_round_trip_strictly(tmp_path):
+    """A checkpoint holds more networks than the model (a GAN's discriminator, later an LDM's parts) by name."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = minildm.build_model(config)
+    critic = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=1e-3)
+    critic(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    critic_optimizer.step()
+    path = checkpoints.save(tmp_path / "ckpt.safetensors", model, config, modules={"critic": critic},
+                            optimizers={"critic": critic_optimizer})
+    assert checkpoints.read_metadata(path)["modules"] == ["critic"]
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    checkpoints.load_training_state(path, minildm.build_model(config), modules={"critic": fresh},
+                                    optimizers={"critic": fresh_optimizer})
+    for (name, a), b in zip(critic.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name  # weights and BatchNorm statistics
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"],
+                       critic_optimizer.state_dict()["state"][0]["exp_avg"])
+    assert not checkpoints.load_module(path, "critic", fresh).training
+    # strict: a module of another shape names every difference; an absent name lists what is there
+    with pytest.raises(checkpoints.CheckpointError, match=r"1\.weight: checkpoint \(4,\) vs model \(5,\)"):
+        checkpoints.load_module(path, "critic", torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5)))
+    with pytest.raises(checkpoints.CheckpointError, match="no module named 'discriminator'; it holds the model and critic"):
+        checkpoints.load_module(path, "discriminator", fresh)
+    with pytest.raises(ValueError, match="cannot hold a module named 'ema'"):
+        checkpoints.save(tmp_path / "bad.safetensors", model, config, modules={"ema": critic})
