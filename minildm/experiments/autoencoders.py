@@ -6,8 +6,8 @@ quantised latent), the reconstruction Fréchet distance on shapes-evaluator feat
 Inception features), the latent's standard deviation and scale factor, and for VQ models the codebook usage.
 
     python -m minildm.experiments.autoencoders ship ae-kl-f4-shapes          # a shipped model and its card
-    python -m minildm.experiments.autoencoders rate-distortion --steps 2000  # KL at f = 2, 4, 8 (LDM Fig. 2, Tab. 8)
-    python -m minildm.experiments.autoencoders losses --steps 2000           # L1 / + perceptual / + GAN at f = 4
+    python -m minildm.experiments.autoencoders rate-distortion --steps 1500  # KL at f = 2, 4, 8 (LDM Fig. 2, Tab. 8)
+    python -m minildm.experiments.autoencoders losses --steps 1500           # L1 / + perceptual / + GAN at f = 4
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ def ship(name: str, *, out=None, run_dir=None) -> dict:
     scale factor and the scores: `checkpoints.read_metadata(path)["extra"]`.
     """
     config = presets.get(name)
-    ae, seconds = train_one(config, run_dir or f"runs/{name}")
+    run_dir = Path(run_dir or f"runs/{name}")
+    ae, _ = train_one(config, run_dir)
+    seconds = training_seconds(run_dir / "log.jsonl")
     report = evaluate(ae)
     training_images = data.build_dataset(config.data, train=True).tensors()[0][:2000]
     report["scale_factor_train"] = autoencoder.latent_scale_factor(ae, training_images,
@@ -97,6 +99,20 @@ def ship(name: str, *, out=None, run_dir=None) -> dict:
                      extra={"scale_factor": report["scale_factor_train"], "scores": report})
     path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def training_seconds(log_path) -> float:
+    """Time spent in training steps, from a run's log.jsonl (steps_per_s of every logged window; a resumed
+    run's repeated windows count once), so a run stopped and resumed is timed as if it ran in one go."""
+    records = {}
+    for line in Path(log_path).read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    steps, seconds = 0, 0.0
+    for step in sorted(records):
+        seconds += (step - steps) / records[step]["steps_per_s"]
+        steps = step
+    return seconds
 
 
 def load_shipped(name: str, folder=None) -> tuple[autoencoder.Autoencoder, float]:
@@ -168,7 +184,7 @@ def main(argv=None) -> int:
     ship_parser.add_argument("name", choices=["ae-kl-f4-shapes", "ae-vq-f4-shapes"])
     for command in ("rate-distortion", "losses"):
         p = sub.add_parser(command)
-        p.add_argument("--steps", type=int, default=2000)
+        p.add_argument("--steps", type=int, default=1500)
         p.add_argument("--base", default="ae-kl-f4-shapes")
         p.add_argument("--out", default=None)
     args = parser.parse_args(argv)
