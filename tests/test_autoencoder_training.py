@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minildm
-from minildm import autoencoder, checkpoints, config, presets, train
+from minildm import autoencoder, checkpoints, presets, train
 from minildm.config import AutoencoderConfig, AutoencoderLossConfig, Config, DataConfig, TrainConfig
 from minildm.experiments import autoencoders as experiment
 
@@ -131,3 +131,20 @@ def test_the_last_checkpoint_stores_the_latent_scale_factor(tmp_path):
     images = minildm.data.build_dataset(cfg.data, train=True).tensors()[0]
     expected = autoencoder.latent_scale_factor(model, images, generator=torch.Generator().manual_seed(0))
     assert extra["scale_factor"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_model_card_states_the_scores_it_was_given(kind, tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config(kind)
+    cfg.autoencoder.image_size, cfg.data.image_size = 32, 32
+    model = minildm.build_model(cfg).eval()
+    checkpoints.save(tmp_path / "ae-x.safetensors", model, cfg, extra={"scale_factor": 0.5})
+    report = {**experiment.evaluate(model, experiment.heldout_images(16)), "train_seconds": 125.4, "steps": 4,
+              "machine": "x86_64", "command": "python -m minildm.experiments.autoencoders ship ae-x"}
+    (tmp_path / "ae-x.json").write_text(json.dumps(report))
+    card = experiment.write_card("ae-x", tmp_path).read_text()
+    assert f"| {report['psnr']:.2f} ± {report['psnr_std']:.2f} |" in card and "2 min 5 s" in card
+    assert card.count(report["command"]) == 1 and "not LPIPS" in card and "0.5000" in card
+    assert ("codes used" in card) == (kind == "vq")
+    assert (tmp_path / "ae-x-reconstructions.png").is_file()

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from minildm import autoencoder, checkpoints, config as config_lib, data, metrics, presets, train
+from minildm import autoencoder, checkpoints, data, metrics, presets, train
+from minildm import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ROOT / "data" / "checkpoints"
@@ -98,7 +99,69 @@ def ship(name: str, *, out=None, run_dir=None) -> dict:
     checkpoints.save(path, ae, config, step=config.train.max_steps,
                      extra={"scale_factor": report["scale_factor_train"], "scores": report})
     path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_card(name, path.parent)
     return report
+
+
+def write_card(name: str, folder=None) -> Path:
+    """Write the model card `<name>.md` and `<name>-reconstructions.png` of a shipped autoencoder from its scores."""
+    folder = Path(folder or CHECKPOINTS)
+    report = json.loads((folder / f"{name}.json").read_text())
+    ae, scale = load_shipped(name, folder)
+    config = config_lib.from_dict(checkpoints.read_metadata(folder / f"{name}.safetensors")["config"])
+    c, loss, t = config.autoencoder, config.autoencoder_loss, config.train
+    originals = heldout_images(8)
+    from torchvision.utils import save_image
+
+    save_image((torch.cat([originals, reconstruct(ae, originals)]) + 1) / 2,
+               folder / f"{name}-reconstructions.png", nrow=8, padding=1)
+    kl = c.kind == "kl"
+    r = report
+    regulariser = (f"KL to N(0, I), weight {loss.kl_weight:g} (LDM's)" if kl else
+                   f"codebook of {c.n_embed} codes x {c.embed_dim} (beta {c.beta:g} on the codebook term, taming's "
+                   f"legacy placement), codebook weight {loss.codebook_weight:g}")
+    minutes, seconds = divmod(round(r["train_seconds"]), 60)
+    side = "x".join(map(str, r["latent_shape"][1:]))
+    usage_head, usage_rule, usage = ("", "", "") if kl else (
+        " codes used | perplexity |", "---|---|", f" {r['codes_used']} of {r['codebook_size']} | {r['perplexity']:.1f} |")
+    card = f"""# Model card: `{name}.safetensors`
+
+A {c.kind.upper()}-regularised autoencoder (LDM's first stage, Rombach et al. 2022, Sec. 3.1) for the course's
+32x32 shapes: chapter 05 studies it, chapter 06 runs latent diffusion in its latent.
+
+| | |
+|---|---|
+| file | `{name}.safetensors`, {(folder / f"{name}.safetensors").stat().st_size / 1e6:.1f} MB: `model.*` (the autoencoder; no EMA, no optimizer, no discriminator); the latent scale factor and these scores are in its metadata (`checkpoints.read_metadata(path)["extra"]`) |
+| preset | `{name}`; train and score: `{r["command"]}` |
+| network | LDM's {"AutoencoderKL" if kl else "VQModel"} (`minildm.autoencoder`): width {c.channels}, mult {",".join(f"{m:g}" for m in c.channel_mult)}, {c.num_res_blocks} res block per level, attention in the middle only, {c.norm_groups} GroupNorm groups, {sum(p.numel() for p in ae.parameters()):,} parameters; 32x32x3 -> {side}x{r["latent_shape"][0]} (f = {r["f"]}, {r["compression"]:g}x fewer numbers) |
+| loss | LDM's: L1 + {loss.perceptual_weight:g} x perceptual distance (the offline substitute, distances of the shipped shapes-classifier's features at t = 0, `autoencoder_loss.ClassifierFeatureDistance`; not LPIPS) + {regulariser} + a {loss.disc_num_layers}-layer PatchGAN's hinge loss with the adaptive weight x {loss.disc_weight:g}, from step {loss.disc_start:,} |
+| data | `ShapesDataset({config.data.num_samples:,}, 32)` (seed 0), no flips |
+| optimizer | AdamW (weight decay 0, i.e. Adam) betas (0.5, 0.9) for the autoencoder and for the discriminator, lr {t.lr:g}, warm-up {t.warmup_steps} steps, cosine to 0 over the last {t.lr_decay_steps:,}; batch {t.batch_size}; no EMA, no clipping |
+| time | {minutes} min {seconds} s of training steps for {r["steps"]:,} steps, one thread of a 2-core {r["machine"]} CPU, beside the other shipped autoencoder on the second core |
+
+## Scores on {r["num_images"]:,} held-out shapes (seed 1, never trained on)
+
+Reconstructions decode the posterior mean (KL) or the quantised latent (VQ), clamped to [-1, 1].
+
+| PSNR (dB) | SSIM | reconstruction distance | latent std | scale factor |{usage_head}
+|---|---|---|---|---|{usage_rule}
+| {r["psnr"]:.2f} ± {r["psnr_std"]:.2f} | {r["ssim"]:.4f} ± {r["ssim_std"]:.4f} | {r["reconstruction_distance"]:.1f} | {r["latent_std"]:.3f} | {scale:.4f} |{usage}
+
+- PSNR = 10 log10(4 / MSE) per image ([-1, 1] images), mean ± std over the images; SSIM: torchmetrics'
+  (Gaussian window 11, sigma 1.5).
+- Reconstruction distance: the Fréchet distance between the shapes-evaluator features of the originals and of
+  their reconstructions (LDM's rFID in small; not Inception features; 0 = indistinguishable).
+- Scale factor: 1 / std of the latents of the first 2,000 training images ({scale:.4f}; on the held-out images
+  {r["scale_factor"]:.4f}). Latent diffusion trains on z x scale factor (LDM's `scale_by_std`; Stable Diffusion
+  fixes 0.18215 for its KL-f8).
+
+![8 held-out shapes and their reconstructions]({name}-reconstructions.png)
+
+Top: held-out shapes; bottom: their reconstructions.
+"""
+    path = folder / f"{name}.md"
+    path.write_text(card)
+    return path
 
 
 def training_seconds(log_path) -> float:
@@ -182,6 +245,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ship_parser = sub.add_parser("ship", help="train a shapes autoencoder preset and write its checkpoint")
     ship_parser.add_argument("name", choices=["ae-kl-f4-shapes", "ae-vq-f4-shapes"])
+    card_parser = sub.add_parser("card", help="rewrite the model card of a shipped autoencoder from its scores")
+    card_parser.add_argument("name", choices=["ae-kl-f4-shapes", "ae-vq-f4-shapes"])
     for command in ("rate-distortion", "losses"):
         p = sub.add_parser(command)
         p.add_argument("--steps", type=int, default=1500)
@@ -190,6 +255,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "ship":
         print(json.dumps(ship(args.name), indent=2))
+    elif args.command == "card":
+        print(write_card(args.name))
     else:
         variants, stem = (RATE_DISTORTION, "ae_rate_distortion") if args.command == "rate-distortion" \
             else (LOSSES, "ae_losses")
