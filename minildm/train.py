@@ -106,6 +106,10 @@ class AutoencoderObjective:
         self.adversary = self.loss.discriminator
         self.autoencoder = checkpoints._unwrap(autoencoder)  # its decoder's last layer sets the GAN weight
         self.step, self.log, self._last = 0, {}, None
+        # VQ: how many codes one epoch of training chose (dead codes get no gradient); logged once per epoch of
+        # data.num_samples images, counted afresh after a resume
+        self.epoch_images, self.seen, self.usage = config.data.num_samples, 0, {}
+        self.counts = torch.zeros(config.autoencoder.n_embed, dtype=torch.int64)
 
     def begin_step(self, step: int) -> None:
         self.step = step
@@ -114,11 +118,22 @@ class AutoencoderObjective:
         if self.kind == "kl":
             reconstruction, regulariser = model(x0)  # decodes a sample of q(z | x0)
         else:
-            reconstruction, regulariser, _ = model(x0)  # the codebook loss
+            reconstruction, regulariser, indices = model(x0)  # the codebook loss, the chosen codes
+            self._count_codes(indices, len(x0))
         self._last = (x0, reconstruction.detach())
-        losses, self.log = self.loss.generator_loss(x0, reconstruction, regulariser, self.step,
-                                                    last_layer=self.autoencoder.last_layer)
+        losses, log = self.loss.generator_loss(x0, reconstruction, regulariser, self.step,
+                                               last_layer=self.autoencoder.last_layer)
+        self.log = {**log, **self.usage}
         return losses
+
+    def _count_codes(self, indices, images: int) -> None:
+        self.counts += torch.bincount(indices.detach().cpu(), minlength=len(self.counts))
+        self.seen += images
+        if self.seen >= self.epoch_images:
+            used = int((self.counts > 0).sum())
+            self.usage = {"codes_used_epoch": used, "dead_codes_epoch": len(self.counts) - used}
+            self.counts.zero_()
+            self.seen = 0
 
     def final_extra(self, autoencoder, dataset) -> dict:
         """Stored with the last checkpoint: the latent scale factor, 1 / std of the latents of (up to) the first

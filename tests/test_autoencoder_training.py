@@ -148,3 +148,13 @@ def test_model_card_states_the_scores_it_was_given(kind, tmp_path):
     assert card.count(report["command"]) == 1 and "not LPIPS" in card and "0.5000" in card
     assert ("codes used" in card) == (kind == "vq")
     assert (tmp_path / "ae-x-reconstructions.png").is_file()
+
+
+def test_codebook_usage_is_logged_once_per_epoch(tmp_path):
+    cfg = tiny_config("vq", disc_start=100)
+    cfg.data.num_samples = 8  # an epoch is two batches of 4
+    train.train(cfg, out_dir=tmp_path, max_steps=4, verbose=False)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert "codes_used_epoch" not in records[0]
+    assert all(r["codes_used_epoch"] + r["dead_codes_epoch"] == 16 for r in records[1:])
+    assert all(1 <= r["codes_used_epoch"] <= 8 * 8 * 8 for r in records[1:])

@@ -90,9 +90,7 @@ def ship(name: str, *, out=None, run_dir=None) -> dict:
     ae, _ = train_one(config, run_dir)
     seconds = training_seconds(run_dir / "log.jsonl")
     report = evaluate(ae)
-    training_images = data.build_dataset(config.data, train=True).tensors()[0][:2000]
-    report["scale_factor_train"] = autoencoder.latent_scale_factor(ae, training_images,
-                                                                   generator=torch.Generator().manual_seed(0))
+    report.update(training_set_scores(ae, config))
     report.update(train_seconds=seconds, steps=config.train.max_steps, threads=torch.get_num_threads(),
                   machine=platform.machine(), command=f"python -m minildm.experiments.autoencoders ship {name}")
     path = Path(out or CHECKPOINTS / f"{name}.safetensors")
@@ -124,6 +122,10 @@ def write_card(name: str, folder=None) -> Path:
     side = "x".join(map(str, r["latent_shape"][1:]))
     usage_head, usage_rule, usage = ("", "", "") if kl else (
         " codes used | perplexity |", "---|---|", f" {r['codes_used']} of {r['codebook_size']} | {r['perplexity']:.1f} |")
+    epoch = "" if kl or "epoch_codes_used" not in r else (
+        f"- Codebook: one epoch of the training set ({config.data.num_samples:,} images) chooses {r['epoch_codes_used']} "
+        f"of the {r['codebook_size']} codes (perplexity {r['epoch_perplexity']:.1f}); {r['epoch_dead_codes']} are dead: "
+        "never chosen, so they get no gradient.\n")
     card = f"""# Model card: `{name}.safetensors`
 
 A {c.kind.upper()}-regularised autoencoder (LDM's first stage, Rombach et al. 2022, Sec. 3.1) for the course's
@@ -154,7 +156,7 @@ Reconstructions decode the posterior mean (KL) or the quantised latent (VQ), cla
 - Scale factor: 1 / std of the latents of the first 2,000 training images ({scale:.4f}; on the held-out images
   {r["scale_factor"]:.4f}). Latent diffusion trains on z x scale factor (LDM's `scale_by_std`; Stable Diffusion
   fixes 0.18215 for its KL-f8).
-
+{epoch}
 ![8 held-out shapes and their reconstructions]({name}-reconstructions.png)
 
 Top: held-out shapes; bottom: their reconstructions.
@@ -176,6 +178,19 @@ def training_seconds(log_path) -> float:
         seconds += (step - steps) / records[step]["steps_per_s"]
         steps = step
     return seconds
+
+
+def training_set_scores(ae: autoencoder.Autoencoder, config) -> dict:
+    """The scale factor from the first 2,000 training images (as the training loop stores it) and, for a VQ
+    model, the codes one epoch of the training set chooses (codes never chosen are dead: they get no gradient)."""
+    images = data.build_dataset(config.data, train=True).tensors()[0]
+    scores = {"scale_factor_train": autoencoder.latent_scale_factor(ae, images[:2000],
+                                                                    generator=torch.Generator().manual_seed(0))}
+    if config.autoencoder.kind == "vq":
+        usage = autoencoder.codebook_usage(ae, images)
+        scores.update(epoch_codes_used=usage["used"], epoch_dead_codes=usage["dead"],
+                      epoch_perplexity=usage["perplexity"])
+    return scores
 
 
 def load_shipped(name: str, folder=None) -> tuple[autoencoder.Autoencoder, float]:
