@@ -39,7 +39,7 @@ KINDS = ("kl", "vq")
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM clamps the posterior's log-variance to this range
 
 
-def Normalize(channels: int, num_groups: int = 32) -> nn.GroupNorm:  # noqa: N802 (LDM's name)
+def Normalize(channels: int, num_groups: int = 32) -> nn.GroupNorm:
     """LDM's autoencoder norm: plain nn.GroupNorm(num_groups, channels, eps=1e-6), affine, in the input dtype."""
     if channels % num_groups:
         raise ValueError(f"GroupNorm with {num_groups} groups needs channels divisible by {num_groups}; got "

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
