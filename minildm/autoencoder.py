@@ -39,8 +39,8 @@ KINDS = ("kl", "vq")
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM clamps the posterior's log-variance to this range
 
 
-def Normalize(channels: int, num_groups: int = 32) -> nn.GroupNorm:
-    """LDM's autoencoder norm: plain nn.GroupNorm(num_groups, channels, eps=1e-6), affine, in the input dtype."""
+def group_norm(channels: int, num_groups: int = 32) -> nn.GroupNorm:
+    """LDM's autoencoder norm (its `Normalize`): plain nn.GroupNorm(num_groups, channels, eps=1e-6), affine, in the input dtype."""
     if channels % num_groups:
         raise ValueError(f"GroupNorm with {num_groups} groups needs channels divisible by {num_groups}; got "
                          f"{channels}. Set autoencoder.norm_groups to a divisor of every level's width")
@@ -52,9 +52,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, num_groups: int = 32):
         super().__init__()
-        self.norm1 = Normalize(in_channels, num_groups)
+        self.norm1 = group_norm(in_channels, num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = Normalize(out_channels, num_groups)
+        self.norm2 = group_norm(out_channels, num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -71,7 +71,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int, num_groups: int = 32):
         super().__init__()
-        self.norm = Normalize(channels, num_groups)
+        self.norm = group_norm(channels, num_groups)
         self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -166,7 +166,7 @@ class Encoder(nn.Module):
                 side //= 2
             self.down.append(down)
         self.mid = Middle(width, c)
-        self.norm_out = Normalize(width, c.norm_groups)
+        self.norm_out = group_norm(width, c.norm_groups)
         self.conv_out = nn.Conv2d(width, 2 * c.z_channels if c.kind == "kl" else c.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +203,7 @@ class Decoder(nn.Module):
                 side *= 2
             levels.insert(0, up)  # built from the bottom, stored by level as in LDM
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(width, c.norm_groups)
+        self.norm_out = group_norm(width, c.norm_groups)
         self.conv_out = nn.Conv2d(width, c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
