@@ -40,7 +40,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # LDM clamps the posterior's log-variance to this 
 
 
 def group_norm(channels: int, num_groups: int = 32) -> nn.GroupNorm:
-    """LDM's autoencoder norm (its `Normalize`): plain nn.GroupNorm(num_groups, channels, eps=1e-6), affine, in the input dtype."""
+    """LDM's autoencoder norm (its `Normalize`): nn.GroupNorm(num_groups, channels, eps=1e-6), in the input dtype."""
     if channels % num_groups:
         raise ValueError(f"GroupNorm with {num_groups} groups needs channels divisible by {num_groups}; got "
                          f"{channels}. Set autoencoder.norm_groups to a divisor of every level's width")
