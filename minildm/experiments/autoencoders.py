@@ -214,10 +214,10 @@ RATE_DISTORTION = {  # f = 2^(levels - 1); the latent keeps 3 channels: 16x16x3,
     4: ["autoencoder.channel_mult=1,2,2"],
     8: ["autoencoder.channel_mult=1,2,2,2"],
 }
-LOSSES = {  # what each term of LDM's loss buys, at f = 4
-    "L1": ["autoencoder_loss.perceptual=none", "autoencoder_loss.disc_factor=0"],
-    "L1 + perceptual": ["autoencoder_loss.disc_factor=0"],
-    "L1 + perceptual + GAN": [],
+LOSSES = {  # what each term of LDM's loss buys, at f = 4 (ae-kl-f4-shapes has no GAN term: disc_factor 0)
+    "L1": ["autoencoder_loss.perceptual=none"],
+    "L1 + perceptual": [],
+    "L1 + perceptual + GAN": ["autoencoder_loss.disc_factor=1"],
 }
 
 
