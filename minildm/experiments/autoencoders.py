@@ -211,7 +211,7 @@ def _variant(base: str, overrides: list[str], steps: int):
 
 RATE_DISTORTION = {  # f = 2^(levels - 1); the latent keeps 3 channels: 16x16x3, 8x8x3, 4x4x3
     2: ["autoencoder.channel_mult=1,2"],
-    4: ["autoencoder.channel_mult=1,2,2"],
+    4: [],  # the preset's own mult 1,2,2 (and the same run as the "L1 + perceptual" row of LOSSES)
     8: ["autoencoder.channel_mult=1,2,2,2"],
 }
 LOSSES = {  # what each term of LDM's loss buys, at f = 4 (ae-kl-f4-shapes has no GAN term: disc_factor 0)
