@@ -214,10 +214,11 @@ RATE_DISTORTION = {  # f = 2^(levels - 1); the latent keeps 3 channels: 16x16x3,
     4: [],  # the preset's own mult 1,2,2 (and the same run as the "L1 + perceptual" row of LOSSES)
     8: ["autoencoder.channel_mult=1,2,2,2"],
 }
-LOSSES = {  # what each term of LDM's loss buys, at f = 4 (ae-kl-f4-shapes has no GAN term: disc_factor 0)
+LOSSES = {  # what each term of LDM's loss buys, at f = 4 (ae-kl-f4-shapes has no GAN term: disc_factor 0).
+    # The preset's own row comes last: run beside `rate-distortion`, it then reuses that sweep's finished f = 4 run.
     "L1": ["autoencoder_loss.perceptual=none"],
-    "L1 + perceptual": [],
     "L1 + perceptual + GAN": ["autoencoder_loss.disc_factor=1"],
+    "L1 + perceptual": [],
 }
 
 
