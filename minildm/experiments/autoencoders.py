@@ -118,6 +118,9 @@ def write_card(name: str, folder=None) -> Path:
     regulariser = (f"KL to N(0, I), weight {loss.kl_weight:g} (LDM's)" if kl else
                    f"codebook of {c.n_embed} codes x {c.embed_dim} (beta {c.beta:g} on the codebook term, taming's "
                    f"legacy placement), codebook weight {loss.codebook_weight:g}")
+    gan = (f"a {loss.disc_num_layers}-layer PatchGAN's hinge loss with the adaptive weight x {loss.disc_weight:g}, "
+           f"from step {loss.disc_start:,}") if loss.disc_factor > 0 else "no GAN term (disc_factor 0)"
+    notes = "".join(f"- {note}\n" for note in r.get("notes", []))
     minutes, seconds = divmod(round(r["train_seconds"]), 60)
     side = "x".join(map(str, r["latent_shape"][1:]))
     usage_head, usage_rule, usage = ("", "", "") if kl else (
@@ -136,7 +139,7 @@ A {c.kind.upper()}-regularised autoencoder (LDM's first stage, Rombach et al. 20
 | file | `{name}.safetensors`, {(folder / f"{name}.safetensors").stat().st_size / 1e6:.1f} MB: `model.*` (the autoencoder; no EMA, no optimizer, no discriminator); the latent scale factor and these scores are in its metadata (`checkpoints.read_metadata(path)["extra"]`) |
 | preset | `{name}`; train and score: `{r["command"]}` |
 | network | LDM's {"AutoencoderKL" if kl else "VQModel"} (`minildm.autoencoder`): width {c.channels}, mult {",".join(f"{m:g}" for m in c.channel_mult)}, {c.num_res_blocks} res block per level, attention in the middle only, {c.norm_groups} GroupNorm groups, {sum(p.numel() for p in ae.parameters()):,} parameters; 32x32x3 -> {side}x{r["latent_shape"][0]} (f = {r["f"]}, {r["compression"]:g}x fewer numbers) |
-| loss | LDM's: L1 + {loss.perceptual_weight:g} x perceptual distance (the offline substitute, distances of the shipped shapes-classifier's features at t = 0, `autoencoder_loss.ClassifierFeatureDistance`; not LPIPS) + {regulariser} + a {loss.disc_num_layers}-layer PatchGAN's hinge loss with the adaptive weight x {loss.disc_weight:g}, from step {loss.disc_start:,} |
+| loss | LDM's: L1 + {loss.perceptual_weight:g} x perceptual distance (the offline substitute, distances of the shipped shapes-classifier's features at t = 0, `autoencoder_loss.ClassifierFeatureDistance`; not LPIPS) + {regulariser} + {gan} |
 | data | `ShapesDataset({config.data.num_samples:,}, 32)` (seed 0), no flips |
 | optimizer | AdamW (weight decay 0, i.e. Adam) betas (0.5, 0.9) for the autoencoder and for the discriminator, lr {t.lr:g}, warm-up {t.warmup_steps} steps, cosine to 0 over the last {t.lr_decay_steps:,}; batch {t.batch_size}; no EMA, no clipping |
 | time | {minutes} min {seconds} s of training steps for {r["steps"]:,} steps, one thread of a 2-core {r["machine"]} CPU, beside the other shipped autoencoder on the second core |
@@ -156,7 +159,7 @@ Reconstructions decode the posterior mean (KL) or the quantised latent (VQ), cla
 - Scale factor: 1 / std of the latents of the first 2,000 training images ({scale:.4f}; on the held-out images
   {r["scale_factor"]:.4f}). Latent diffusion trains on z x scale factor (LDM's `scale_by_std`; Stable Diffusion
   fixes 0.18215 for its KL-f8).
-{epoch}
+{epoch}{notes}
 ![8 held-out shapes and their reconstructions]({name}-reconstructions.png)
 
 Top: held-out shapes; bottom: their reconstructions.
