@@ -342,7 +342,7 @@ def test_config_section_validates_and_overrides():
     with pytest.raises(config.ConfigError, match=r"model='vae' is not one of 'unet', 'mlp', 'classifier'"):
         config.override(cfg, ["model=vae"])
     cfg.model = "vae"
-    with pytest.raises(ValueError, match="model=unet, model=mlp or model=classifier"):
+    with pytest.raises(ValueError, match="model=unet, mlp, classifier or autoencoder"):
         minildm.build_model(cfg)
 
 
