@@ -238,7 +238,12 @@ def sweep(variants: dict, steps: int, *, base="ae-kl-f4-shapes", run_root="runs/
         slug = "-".join(o.split(".")[-1].replace("=", "") for o in sorted(overrides)).replace(",", "") or "base"
         run_dir = Path(run_root) / f"{base}-{steps}-{slug}"
         timing = run_dir / "seconds.json"
-        ae, seconds = train_one(config, run_dir, verbose=False)
+        while True:
+            try:
+                ae, seconds = train_one(config, run_dir, verbose=False)
+                break
+            except train.RunLockedError:  # the other sweep is training this very run: wait, then reuse it
+                time.sleep(30)
         if timing.is_file():  # trained by an earlier sweep: report that run's time
             seconds = json.loads(timing.read_text())["train_seconds"]
         else:
