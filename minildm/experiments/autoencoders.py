@@ -142,7 +142,7 @@ A {c.kind.upper()}-regularised autoencoder (LDM's first stage, Rombach et al. 20
 | loss | LDM's: L1 + {loss.perceptual_weight:g} x perceptual distance (the offline substitute, distances of the shipped shapes-classifier's features at t = 0, `autoencoder_loss.ClassifierFeatureDistance`; not LPIPS) + {regulariser} + {gan} |
 | data | `ShapesDataset({config.data.num_samples:,}, 32)` (seed 0), no flips |
 | optimizer | AdamW (weight decay 0, i.e. Adam) betas (0.5, 0.9) for the autoencoder and for the discriminator, lr {t.lr:g}, warm-up {t.warmup_steps} steps, cosine to 0 over the last {t.lr_decay_steps:,}; batch {t.batch_size}; no EMA, no clipping |
-| time | {minutes} min {seconds} s of training steps for {r["steps"]:,} steps, one thread of a 2-core {r["machine"]} CPU, beside the other shipped autoencoder on the second core |
+| time | {minutes} min {seconds} s of training steps for {r["steps"]:,} steps, one thread of a 2-core {r["machine"]} CPU, with another training run on the second core |
 
 ## Scores on {r["num_images"]:,} held-out shapes (seed 1, never trained on)
 
