@@ -114,6 +114,11 @@ class AutoencoderObjective:
     def begin_step(self, step: int) -> None:
         self.step = step
 
+    def to(self, device) -> AutoencoderObjective:
+        """Move the loss's networks (discriminator, perceptual net, logvar) to the autoencoder's device."""
+        self.loss.to(device)
+        return self
+
     def __call__(self, model, x0, y, t, noise):
         if self.kind == "kl":
             reconstruction, regulariser = model(x0)  # decodes a sample of q(z | x0)
@@ -470,6 +475,8 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         objective = default_objective(config, diffusion, model) if objective is None else objective
         # An adversarial objective (a GAN's discriminator) brings a second network with its own optimiser.
+        if hasattr(objective, "to"):  # an objective with networks of its own (the autoencoder's loss)
+            objective.to(device)
         adversary = getattr(objective, "adversary", None)
         extra_modules, extra_optimizers = {}, {}
         if adversary is not None:
