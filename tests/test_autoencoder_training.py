@@ -119,7 +119,7 @@ def test_shipped_autoencoders_score_what_their_cards_say(name):
     # 200 of the card's 1,000 held-out images: the same first 200, so PSNR agrees to sampling error
     assert report["psnr"] == pytest.approx(card["psnr"], abs=1.0)
     assert report["ssim"] == pytest.approx(card["ssim"], abs=0.02)
-    floor = {"ae-kl-f4-shapes": (33.0, 0.96), "ae-vq-f4-shapes": (24.0, 0.82)}[name]  # below its card's figures
+    floor = {"ae-kl-f4-shapes": (33.0, 0.96), "ae-vq-f4-shapes": (30.0, 0.94)}[name]  # below its card's figures
     assert report["psnr"] > floor[0] and report["ssim"] > floor[1]
     assert (path.parent / f"{name}.md").read_text().count(card["command"]) == 1
 
