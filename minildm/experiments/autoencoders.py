@@ -38,13 +38,13 @@ def heldout_images(num: int = 1000, image_size: int = 32) -> torch.Tensor:
 @torch.no_grad()
 def reconstruct(ae: autoencoder.Autoencoder, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
     """Deterministic reconstructions in [-1, 1]: KL decodes the posterior mean, VQ the quantised latent."""
-    out = []
-    for batch in images.split(batch_size):
+    out, device = [], ae.last_layer.device
+    for batch in images.to(device).split(batch_size):
         if isinstance(ae, autoencoder.AutoencoderKL):
             out.append(ae.decode(ae.encode(batch).mode()))
         else:
             out.append(ae.decode(ae.encode(batch)[0]))
-    return torch.cat(out).clamp(-1, 1)
+    return torch.cat(out).clamp(-1, 1).cpu()
 
 
 def evaluate(ae: autoencoder.Autoencoder, images: torch.Tensor | None = None) -> dict:
@@ -112,14 +112,14 @@ def write_card(name: str, folder=None) -> Path:
     from torchvision.utils import save_image
 
     save_image((torch.cat([originals, reconstruct(ae, originals)]) + 1) / 2,
-               folder / f"{name}-reconstructions.png", nrow=8, padding=1)
+               folder / f"{name}-reconstructions.png", nrow=8, padding=1, pad_value=1)
     kl = c.kind == "kl"
     r = report
     regulariser = (f"KL to N(0, I), weight {loss.kl_weight:g} (LDM's)" if kl else
                    f"codebook of {c.n_embed} codes x {c.embed_dim} (beta {c.beta:g} on the codebook term, taming's "
                    f"legacy placement), codebook weight {loss.codebook_weight:g}")
-    gan = (f"a {loss.disc_num_layers}-layer PatchGAN's hinge loss with the adaptive weight x {loss.disc_weight:g}, "
-           f"from step {loss.disc_start:,}") if loss.disc_factor > 0 else "no GAN term (disc_factor 0)"
+    gan = (f" + a {loss.disc_num_layers}-layer PatchGAN's hinge loss with the adaptive weight x {loss.disc_weight:g}, "
+           f"from step {loss.disc_start:,}") if loss.disc_factor > 0 else "; no GAN term (disc_factor 0)"
     notes = "".join(f"- {note}\n" for note in r.get("notes", []))
     minutes, seconds = divmod(round(r["train_seconds"]), 60)
     side = "x".join(map(str, r["latent_shape"][1:]))
@@ -139,7 +139,7 @@ A {c.kind.upper()}-regularised autoencoder (LDM's first stage, Rombach et al. 20
 | file | `{name}.safetensors`, {(folder / f"{name}.safetensors").stat().st_size / 1e6:.1f} MB: `model.*` (the autoencoder; no EMA, no optimizer, no discriminator); the latent scale factor and these scores are in its metadata (`checkpoints.read_metadata(path)["extra"]`) |
 | preset | `{name}`; train and score: `{r["command"]}` |
 | network | LDM's {"AutoencoderKL" if kl else "VQModel"} (`minildm.autoencoder`): width {c.channels}, mult {",".join(f"{m:g}" for m in c.channel_mult)}, {c.num_res_blocks} res block per level, attention in the middle only, {c.norm_groups} GroupNorm groups, {sum(p.numel() for p in ae.parameters()):,} parameters; 32x32x3 -> {side}x{r["latent_shape"][0]} (f = {r["f"]}, {r["compression"]:g}x fewer numbers) |
-| loss | LDM's: L1 + {loss.perceptual_weight:g} x perceptual distance (the offline substitute, distances of the shipped shapes-classifier's features at t = 0, `autoencoder_loss.ClassifierFeatureDistance`; not LPIPS) + {regulariser} + {gan} |
+| loss | LDM's: L1 + {loss.perceptual_weight:g} x perceptual distance (the offline substitute, distances of the shipped shapes-classifier's features at t = 0, `autoencoder_loss.ClassifierFeatureDistance`; not LPIPS) + {regulariser}{gan} |
 | data | `ShapesDataset({config.data.num_samples:,}, 32)` (seed 0), no flips |
 | optimizer | AdamW (weight decay 0, i.e. Adam) betas (0.5, 0.9) for the autoencoder and for the discriminator, lr {t.lr:g}, warm-up {t.warmup_steps} steps, cosine to 0 over the last {t.lr_decay_steps:,}; batch {t.batch_size}; no EMA, no clipping |
 | time | {minutes} min {seconds} s of training steps for {r["steps"]:,} steps, one thread of a 2-core {r["machine"]} CPU, with another training run on the second core |
@@ -259,7 +259,7 @@ def sweep(variants: dict, steps: int, *, base="ae-kl-f4-shapes", run_root="runs/
     if grid:
         from torchvision.utils import save_image
 
-        save_image((torch.cat(grids).clamp(-1, 1) + 1) / 2, grid, nrow=len(grids[0]), padding=1)
+        save_image((torch.cat(grids).clamp(-1, 1) + 1) / 2, grid, nrow=len(grids[0]), padding=1, pad_value=1)
     return report
 
 
