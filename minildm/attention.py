@@ -1,4 +1,5 @@
-"""Attention blocks. Here: the ADM self-attention block of the pixel-space UNets.
+"""Attention blocks: the ADM self-attention block of the pixel-space UNets, and LDM's cross-attention
+`SpatialTransformer` (at the end of this file) that a latent-diffusion UNet puts in its place.
 
 `AttentionBlock` is guided-diffusion's `AttentionBlock` (parameter names `norm`, `qkv`, `proj_out`, so
 official weights load strictly). One 1x1 convolution produces all of q, k and v, 3C channels; how those
@@ -91,3 +92,104 @@ class AttentionBlock(nn.Module):
     def extra_repr(self) -> str:
         order = "new [q|k|v]" if self.use_new_attention_order else "legacy [q_h|k_h|v_h]"
         return f"channels={self.channels}, heads={self.num_heads}, qkv order={order}"
+
+
+# ---------------------------------------------------------------------------------------------
+# LDM's cross-attention (ldm/modules/attention.py): the SpatialTransformer that stands where AttentionBlock
+# stands in a latent-diffusion UNet with context_dim, under LDM's state_dict names
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x [N, T, query_dim] over context [N, L, context_dim] (over x itself if None).
+
+    q = to_q(x), k = to_k(context), v = to_v(context) (no biases), heads of dim_head channels,
+    softmax(q k^T / sqrt(dim_head)) v through `scaled_dot_product_attention`, then to_out (Linear + Dropout).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 dropout: float = 0.0):
+        super().__init__()
+        inner, context_dim = heads * dim_head, context_dim or query_dim
+        self.heads, self.dim_head = heads, dim_head
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        n = x.shape[0]
+        q, k, v = (t.view(n, -1, self.heads, self.dim_head).transpose(1, 2)  # [N, heads, tokens, dim_head]
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)  # default scale dim_head^-1/2, softmax over the keys
+        return self.to_out(out.transpose(1, 2).reshape(n, -1, self.heads * self.dim_head))
+
+
+class GEGLU(nn.Module):
+    """proj(x) split into a value half and a gate half (value first): value * GELU(gate) (Shazeer 2020)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)  # exact (erf) GELU, as LDM
+
+
+class FeedForward(nn.Module):
+    """LDM's FeedForward(dim, mult=4, glu=True): GEGLU to 4 dim, Dropout, Linear back to dim (`net.0`, `net.2`)."""
+
+    def __init__(self, dim: int, dropout: float = 0.0, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block on tokens [N, T, dim]: self-attention, cross-attention on the context, FF.
+
+    x = x + attn1(LN(x));  x = x + attn2(LN(x), context);  x = x + ff(LN(x))   (LayerNorm eps 1e-5)
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)  # self-attention
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """LDM's SpatialTransformer: x [N, C, H, W], context [N, L, context_dim] -> [N, C, H, W].
+
+    GroupNorm (plain, eps 1e-6), 1x1 proj_in to heads * dim_head channels, the H*W pixels as tokens through
+    `depth` BasicTransformerBlocks, 1x1 proj_out (zero-initialised: the block starts as the identity), + x.
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1, context_dim: int | None = None,
+                 dropout: float = 0.0, norm_groups: int = 32):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim=context_dim, dropout=dropout)
+             for _ in range(depth)])
+        self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        n, _, height, width = x.shape
+        h = self.proj_in(self.norm(x))
+        inner = h.shape[1]
+        h = h.flatten(2).transpose(1, 2)  # [N, H*W, inner]: every pixel a token
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return self.proj_out(h.transpose(1, 2).reshape(n, inner, height, width)) + x

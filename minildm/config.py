@@ -46,6 +46,8 @@ class UNetConfig:
     use_checkpoint: bool = False  # gradient checkpointing of residual and attention blocks
     norm_groups: int = 32  # GroupNorm groups (32 in every paper model; narrow toys need fewer, see presets)
     time_scale: float = 1.0  # the network embeds t * time_scale (improved-diffusion's rescale_timesteps: 1000 / T)
+    context_dim: int = 0  # > 0: LDM's SpatialTransformer (cross-attention on context [N, L, context_dim]) for attention
+    transformer_depth: int = 1  # transformer blocks per SpatialTransformer
 
 
 @dataclass
@@ -322,6 +324,8 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
         need(not u.null_class or u.num_classes > 0, "unet.null_class", u.null_class,
              "needs a class-conditional network: set unet.num_classes > 0")
         number("unet.time_scale", u.time_scale, 0, open_low=True)
+        count("unet.context_dim", u.context_dim, 0)
+        count("unet.transformer_depth", u.transformer_depth)
         fits_its_data("unet", u)
         learned = config.diffusion.model_var_type == "learned_range"
         need(u.learn_sigma == learned, "unet.learn_sigma", u.learn_sigma,

@@ -22,6 +22,9 @@ The toggles, with the paper that introduced them:
 - `num_classes`: class-conditional; `super_res`: ADM-U upsampler, forward(..., low_res=...) concatenates
   the bilinearly upsampled low-resolution image (guided-diffusion `SuperResModel`).
 - `use_checkpoint`: gradient checkpointing of every ResBlock and AttentionBlock (less memory, ~30% slower).
+- `context_dim` > 0: latent diffusion's UNet (LDM's openaimodel.py, the same module names): a SpatialTransformer
+  (`transformer_depth` blocks of self-, cross-attention on `context` [N, L, context_dim] and GEGLU) stands where
+  the AttentionBlock stands, and forward(x_t, t, context=...) passes the context to each of them.
 
 DDPM = ADM with the toggles off. The DDPM presets are built in guided-diffusion's layout, which has the
 same parameter count as Ho et al.'s TensorFlow model (35,746,307 for CIFAR10, 113,673,219 at 256x256) but
@@ -43,10 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minildm.attention import AttentionBlock
+from minildm.attention import AttentionBlock, SpatialTransformer, num_heads_for
 from minildm.config import UNetConfig
 from minildm.layers import count_parameters, normalization, timestep_embedding_adm, zero_module
-
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks (guided-diffusion names: `op`, `conv`, `in_layers`, `emb_layers`, `out_layers`, ...)
@@ -151,11 +153,15 @@ class ResBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A sequence of layers; the ResBlocks (and attention blocks) among them also receive the embedding."""
+    """A sequence of layers; the ResBlocks (and attention blocks) among them also receive the embedding, the
+    SpatialTransformers the context."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
+            if isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
         return x
 
 
@@ -204,7 +210,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, out_channels=int(mult * base), **resblock)]
                 ch = int(mult * base)
                 if side in config.attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_heads=config.num_heads, **attention))
+                    layers.append(self._attention(ch, config.num_heads, attention))
                 self._add(self.input_blocks, "input_blocks", layers, ch, side, level)
                 skip_channels.append(ch)
             if level != len(config.channel_mult) - 1:
@@ -216,7 +222,7 @@ class UNet(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, **resblock),
-            AttentionBlock(ch, num_heads=config.num_heads, **attention),
+            self._attention(ch, config.num_heads, attention),
             ResBlock(ch, **resblock),
         )
         self.block_shapes["middle_block"] = (ch, side)
@@ -228,7 +234,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), out_channels=int(base * mult), **resblock)]
                 ch = int(base * mult)
                 if side in config.attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_heads=num_heads_up, **attention))
+                    layers.append(self._attention(ch, num_heads_up, attention))
                 if level and i == config.num_res_blocks:
                     layers.append(ResBlock(ch, out_channels=ch, up=True, **resblock) if config.resblock_updown
                                   else Upsample(ch, config.conv_resample, out_channels=ch))
@@ -238,6 +244,17 @@ class UNet(nn.Module):
         out_channels = config.out_channels * (2 if config.learn_sigma else 1)
         self.out = nn.Sequential(normalization(ch, config.norm_groups), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
         self.block_shapes["out"] = (out_channels, side)
+
+    def _attention(self, ch: int, num_heads: int, attention: dict) -> nn.Module:
+        """AttentionBlock, or LDM's SpatialTransformer when unet.context_dim > 0 (it takes num_heads even on the
+        way up, and dim_head = num_head_channels, or ch // num_heads)."""
+        config = self.config
+        if config.context_dim == 0:
+            return AttentionBlock(ch, num_heads=num_heads, **attention)
+        heads = num_heads_for(ch, config.num_heads, config.num_head_channels)
+        return SpatialTransformer(ch, heads, ch // heads, depth=config.transformer_depth,
+                                  context_dim=config.context_dim, dropout=config.dropout,
+                                  norm_groups=config.norm_groups)
 
     def _add(self, blocks: nn.ModuleList, name: str, layers: list, ch: int, side: int, level: int) -> None:
         self.block_shapes[f"{name}.{len(blocks)}"] = (ch, side)
@@ -262,11 +279,11 @@ class UNet(nn.Module):
 
         h, skips = x_t, []
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
 
     def _check_inputs(self, x_t, t, y, context, low_res) -> torch.Tensor:
@@ -292,9 +309,14 @@ class UNet(nn.Module):
             null = f" or {cfg.num_classes} (the null class)" if cfg.null_class else ""
             raise ValueError(f"y holds labels in [{int(y.min())}, {int(y.max())}]; this UNet knows classes 0.."
                              f"{cfg.num_classes - 1}{null} (unet.num_classes={cfg.num_classes})")
-        if context is not None:
+        if cfg.context_dim == 0 and context is not None:
             raise ValueError("context is not used by this UNet (it has no cross-attention); drop context=..., "
-                             "or use a latent-diffusion UNet with cross-attention for [N, L, D] conditioning")
+                             "or use a latent-diffusion UNet with cross-attention (unet.context_dim > 0)")
+        if cfg.context_dim > 0 and (not isinstance(context, torch.Tensor) or context.ndim != 3
+                                    or context.shape[0] != n or context.shape[2] != cfg.context_dim):
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"context is required: this UNet has cross-attention (unet.context_dim="
+                             f"{cfg.context_dim}); pass context=<[{n}, L, {cfg.context_dim}] tokens>, got {got}")
         if cfg.super_res and low_res is None:
             raise ValueError("low_res is required: this is a super-resolution UNet (unet.super_res=True); "
                              f"pass low_res=<[N, {cfg.in_channels}, h, w] image in [-1, 1]>")
@@ -367,7 +389,7 @@ def check_levels(config, section: str, name: str) -> None:
 
 
 def config_from_original(kwargs: dict, super_res: bool = False) -> UNetConfig:
-    """UNetConfig equivalent to guided-diffusion / improved-diffusion `UNetModel(**kwargs)`.
+    """UNetConfig equivalent to guided-diffusion / improved-diffusion / latent-diffusion `UNetModel(**kwargs)`.
 
     The one place where the originals' attention *downsample factors* become feature-map sides
     (side = image_size // factor). `super_res=True` for `SuperResModel`, whose in_channels are doubled.
@@ -384,6 +406,8 @@ def config_from_original(kwargs: dict, super_res: bool = False) -> UNetConfig:
         learn_sigma=learn_sigma,
         num_classes=kwargs.get("num_classes") or 0,
         super_res=super_res,
+        context_dim=(kwargs.get("context_dim") or 0) if kwargs.get("use_spatial_transformer") else 0,
+        transformer_depth=kwargs.get("transformer_depth", 1),
     )
 
 
