@@ -84,3 +84,18 @@ def test_context_errors_say_what_to_pass():
                                       num_res_blocks=1, attention_resolutions=(4,)))
     with pytest.raises(ValueError, match="context is not used by this UNet"):
         plain(x, t, context=torch.randn(2, 5, 16))
+
+
+@pytest.mark.parametrize("manifest_name, params", [
+    ("ldm_celebahq256_unet", 274_056_163), ("ldm_lsun_churches256_unet", 294_966_916),
+    ("ldm_cin256_v2_unet", 400_920_579), ("sd_v1_unet", 859_520_964)])
+def test_the_released_latent_diffusion_unets_build_exactly(reference_dir, manifest_name, params):
+    """LDM's CelebA-HQ, LSUN-churches and cin256-v2 UNets and Stable Diffusion v1's, from their configs' kwargs:
+    the released files' parameter counts (PAPER_FACTS 0.3) and keys, in order (without the checkpoints' prefix)."""
+    manifest = json.loads((reference_dir / "manifests" / f"{manifest_name}.json").read_text())
+    with torch.device("meta"):
+        model = unet.UNet(unet.config_from_original(manifest["constructor_kwargs"]))
+    assert count_parameters(model) == manifest["total_params"] == params
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert list(ours) == list(manifest["keys"]) and ours == manifest["keys"]
+    assert manifest["checkpoint_key_prefix"] == "model.diffusion_model."
