@@ -468,6 +468,50 @@ def load_official_file(path, config, *, device="cpu"):
     return model.eval()
 
 
+# A latent-diffusion / Stable Diffusion checkpoint ('state_dict' of a Lightning .ckpt) holds the whole
+# LatentDiffusion module; its parts by prefix:
+LDM_PARTS = {"model.diffusion_model.": "unet", "model_ema.": "unet_ema", "first_stage_model.": "first_stage",
+             "cond_stage_model.": "cond_stage"}
+LDM_SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                        "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                        "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                        "posterior_mean_coef1", "posterior_mean_coef2")
+
+
+def split_ldm_state_dict(state_dict: dict, unet_keys=None) -> dict:
+    """Route every key of a LatentDiffusion state_dict to its part; returns a dict of parts and `unused`.
+
+    Parts: "unet", "first_stage", "cond_stage" (keys without their prefix), "unet_ema" (LDM's LitEma names each
+    UNet parameter with its dots removed, "model_ema.diffusion_modelinput_blocks00weight"; given `unet_keys`, the
+    names of the UNet's state_dict, they are mapped back to them, and `decay` / `num_updates` go to "ema_state"),
+    "schedule" (the float32 buffers LDM recomputes from its config), "scale_factor" (a float, when stored).
+    "unused" lists every key that fits none of these: a caller names them instead of dropping them silently.
+    """
+    parts = {name: {} for name in (*LDM_PARTS.values(), "schedule", "ema_state")}
+    unused = []
+    ema_names = {"diffusion_model" + key.replace(".", ""): key for key in unet_keys} if unet_keys else {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in LDM_PARTS if key.startswith(p)), None)
+        if prefix == "model_ema.":
+            name = key[len(prefix):]
+            if name in ("decay", "num_updates"):
+                parts["ema_state"][name] = value
+            elif unet_keys is None or name in ema_names:
+                parts["unet_ema"][ema_names.get(name, name)] = value
+            else:
+                unused.append(key)
+        elif prefix is not None:
+            parts[LDM_PARTS[prefix]][key[len(prefix):]] = value
+        elif key in LDM_SCHEDULE_BUFFERS:
+            parts["schedule"][key] = value
+        elif key == "scale_factor":
+            parts["scale_factor"] = float(value) if torch.is_tensor(value) and value.numel() == 1 else value
+        else:
+            unused.append(key)
+    parts["unused"] = sorted(unused)
+    return parts
+
+
 def _extract_ckpt(path: Path) -> Path:
     """The `.ckpt` inside a model-zoo zip, extracted beside it once (`<zip name>.ckpt`)."""
     import zipfile
