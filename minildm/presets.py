@@ -160,8 +160,9 @@ register(Preset(
 
 # LDM's first stage in small (chapter 05, used by chapter 06): 32x32 shapes <-> 8x8x3 latents (f = 4, 16x fewer
 # numbers). LDM's architecture and loss at width 32, one res block per level; the perceptual term is the
-# offline substitute (distances of shapes-classifier features, not LPIPS); the two-layer PatchGAN (LDM's vq-f8
-# depth: 6x6 patches of a 32x32 image) joins halfway. Adam betas (0.5, 0.9) as LDM, a higher lr for the small net.
+# offline substitute (distances of shapes-classifier features, not LPIPS); a two-layer PatchGAN (LDM's vq-f8
+# depth: 6x6 patches of a 32x32 image) is configured from halfway but off (disc_factor 0, below; `disc_factor=1`
+# turns it on). Adam betas (0.5, 0.9) as LDM, a higher lr for the small net.
 
 
 def _shapes_autoencoder(kind, summary, loss, **autoencoder):
@@ -459,8 +460,9 @@ _adm_classifier(512, 54_448_360, (0.5, 1, 1, 2, 2, 4, 4), 2, "linear",
 # Autoencoding Models" and models/first_stage_models/*/config.yaml). Counts: encoder, decoder, quant_conv,
 # post_quant_conv (+ codebook), without the training-only loss (LPIPS, discriminator). Trained on OpenImages
 # 256x256 crops by main.py: Adam betas (0.5, 0.9) for the autoencoder and the discriminator, lr = batch x
-# base 4.5e-6 (--scale_lr on one GPU), no EMA, no clipping, no warm-up. LDM steps the two optimisers on
-# alternate calls of training_step (Lightning's optimizer_idx); minildm steps both on every batch.
+# base 4.5e-6 (--scale_lr on one GPU), no EMA, no clipping, no warm-up. LDM calls training_step once per optimiser
+# for each batch (the discriminator's call runs the autoencoder again, with a new posterior sample); minildm steps
+# the discriminator on the reconstructions of the autoencoder's step.
 
 
 def _ldm_autoencoder(name, kind, params, channel_mult, attention_resolutions, z, n_embed, batch, loss, result,
