@@ -335,7 +335,8 @@ class Autoencoder(nn.Module):
 
 
 class AutoencoderKL(Autoencoder):
-    """LDM `AutoencoderKL`: images [N, C, H, W] <-> latents z ~ q(z | x) = N(mean, diag(var)), [N, embed_dim, H/f, W/f]."""
+    """LDM `AutoencoderKL`: images [N, C, H, W] <-> latents z ~ q(z | x) = N(mean, diag(var)) [N, embed_dim, H/f, W/f]
+    (f = 2^(levels - 1))."""
 
     def __init__(self, c: AutoencoderConfig):
         super().__init__(c)

@@ -46,7 +46,7 @@ class UNetConfig:
     use_checkpoint: bool = False  # gradient checkpointing of residual and attention blocks
     norm_groups: int = 32  # GroupNorm groups (32 in every paper model; narrow toys need fewer, see presets)
     time_scale: float = 1.0  # the network embeds t * time_scale (improved-diffusion's rescale_timesteps: 1000 / T)
-    context_dim: int = 0  # > 0: LDM's SpatialTransformer (cross-attention on context [N, L, context_dim]) for attention
+    context_dim: int = 0  # > 0: LDM's SpatialTransformer (cross-attention on context [N, L, context_dim])
     transformer_depth: int = 1  # transformer blocks per SpatialTransformer
 
 
@@ -103,7 +103,7 @@ class AutoencoderConfig:
     z_channels: int = 4  # the encoder's output channels (x2 for the KL posterior's mean and log-variance)
     embed_dim: int = 4  # latent channels after quant_conv
     n_embed: int = 0  # codebook size (kind "vq")
-    beta: float = 0.25  # commitment weight of the VQ loss
+    beta: float = 0.25  # the VQ loss's beta: on the codebook term with legacy_beta, on the commitment without
     legacy_beta: bool = True  # taming's legacy placement: beta weights the codebook term, not the commitment
     norm_groups: int = 32  # GroupNorm groups (32 in LDM; narrow toys need fewer)
 
@@ -303,7 +303,8 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
                  f"must equal data.image_size={config.data.image_size} (the network sees the images it trains "
                  "on); set both")
 
-    from minildm import autoencoder, classifier, data, diffusion, schedules  # the lists of valid names live beside their code
+    # the lists of valid names live beside their code
+    from minildm import autoencoder, classifier, data, diffusion, schedules
 
     choice("model", config.model, MODELS)
     if config.model == "unet":

@@ -124,10 +124,12 @@ def write_card(name: str, folder=None) -> Path:
     minutes, seconds = divmod(round(r["train_seconds"]), 60)
     side = "x".join(map(str, r["latent_shape"][1:]))
     usage_head, usage_rule, usage = ("", "", "") if kl else (
-        " codes used | perplexity |", "---|---|", f" {r['codes_used']} of {r['codebook_size']} | {r['perplexity']:.1f} |")
+        " codes used | perplexity |", "---|---|",
+        f" {r['codes_used']} of {r['codebook_size']} | {r['perplexity']:.1f} |")
     epoch = "" if kl or "epoch_codes_used" not in r else (
-        f"- Codebook: one epoch of the training set ({config.data.num_samples:,} images) chooses {r['epoch_codes_used']} "
-        f"of the {r['codebook_size']} codes (perplexity {r['epoch_perplexity']:.1f}); {r['epoch_dead_codes']} are dead: "
+        f"- Codebook: one epoch of the training set ({config.data.num_samples:,} images) chooses "
+        f"{r['epoch_codes_used']} of the {r['codebook_size']} codes (perplexity {r['epoch_perplexity']:.1f}); "
+        f"{r['epoch_dead_codes']} are dead: "
         "never chosen, so they get no gradient.\n")
     card = f"""# Model card: `{name}.safetensors`
 
