@@ -8,7 +8,8 @@ model always receives the original timesteps t.
 - `ddpm_sample`: ancestral sampling, Ho et al. 2020 Algorithm 2 (respaced as in Nichol & Dhariwal 2021, Sec. 4).
 - `ddim_sample`: Song et al. 2021 (DDIM), Eq. 12; eta = 0 is deterministic, eta = 1 matches DDPM's variance.
 
-Each step is also available alone (`ddpm_step`, `ddim_step`). Guidance (`minildm.guidance`, chapter 04):
+Each step is also available alone (`ddpm_step`, `ddim_step`). Both samplers inpaint (`x0=..., mask=...`, as LDM's).
+Guidance (`minildm.guidance`, chapter 04):
 - classifier guidance through `cond_fn(x_t, t, **model_kwargs)` -> s · ∇ log p(y | x_t), applied where
   guided-diffusion applies it: on the mean in `ddpm_step` (`condition_mean`), on eps in `ddim_step`
   (`condition_score`); cond_fn receives the original timestep, also on a respaced list;
@@ -103,17 +104,24 @@ def ddpm_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, tim
                 *, clip_denoised: bool = True, model_kwargs: dict | None = None,
                 generator: torch.Generator | None = None, noise: Sequence[torch.Tensor | None] | None = None,
                 callback: Callback | None = None, progress: bool = True, device=None,
-                cond_fn: CondFn | None = None) -> torch.Tensor:
+                cond_fn: CondFn | None = None, x0: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) over `timesteps` (default all T); returns x0 [N, ...].
 
     shape_or_x_T: a shape (x_T drawn with `generator` on `device`, default the model's) or the starting x_T.
     noise: optional list with one z per step (step i uses noise[i]; the final step's entry is unused).
     callback: called on every step (see the module docstring). cond_fn: classifier guidance (`ddpm_step`).
+    x0, mask: inpainting as LDM's samplers do it (their `x0` and `mask` arguments): before every step the region
+    where mask = 1 is replaced by x0 noised to the step's t, q_sample(x0, t) with noise from `generator`, so the
+    model fills in the rest around the known part. mask broadcasts against x0 ([N or 1, 1 or C, H, W], 0 or 1).
     """
     x = _initial(model, shape_or_x_T, generator, device)
     steps = _pairs(timesteps, diffusion.num_timesteps)
     _check_noise(noise, len(steps))
+    _check_inpainting(x, x0, mask)
     for i, (t, t_prev, t_next) in enumerate(progress_bar(steps, disable=not progress, desc="DDPM")):
+        if mask is not None:
+            x = _impose(diffusion, x, t, x0, mask, generator)
         x_prev, pred_x0 = ddpm_step(model, diffusion, x, t, t_prev, clip_denoised=clip_denoised,
                                     model_kwargs=model_kwargs, noise=None if noise is None else noise[i],
                                     generator=generator, t_next=t_next, cond_fn=cond_fn)
@@ -126,15 +134,20 @@ def ddim_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, tim
                 *, eta: float = 0.0, clip_denoised: bool = True, model_kwargs: dict | None = None,
                 generator: torch.Generator | None = None, noise: Sequence[torch.Tensor | None] | None = None,
                 callback: Callback | None = None, progress: bool = True, device=None,
-                cond_fn: CondFn | None = None) -> torch.Tensor:
+                cond_fn: CondFn | None = None, x0: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021, Eq. 12) over `timesteps`, e.g. `space_timesteps(T, "ddim50")`.
 
     Arguments as in `ddpm_sample`; eta = 0 is deterministic given x_T. cond_fn: guidance on eps (`ddim_step`).
+    x0, mask: inpainting (`ddpm_sample`; LDM's DDIMSampler re-imposes the known region the same way).
     """
     x = _initial(model, shape_or_x_T, generator, device)
     steps = _pairs(timesteps, diffusion.num_timesteps)
     _check_noise(noise, len(steps))
+    _check_inpainting(x, x0, mask)
     for i, (t, t_prev, _) in enumerate(progress_bar(steps, disable=not progress, desc=f"DDIM eta={eta:g}")):
+        if mask is not None:
+            x = _impose(diffusion, x, t, x0, mask, generator)
         x_prev, pred_x0 = ddim_step(model, diffusion, x, t, t_prev, eta=eta, clip_denoised=clip_denoised,
                                     model_kwargs=model_kwargs, noise=None if noise is None else noise[i],
                                     generator=generator, cond_fn=cond_fn)
@@ -179,6 +192,29 @@ def _initial(model, shape_or_x_T, generator, device) -> torch.Tensor:
         parameter = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
         device = parameter.device if parameter is not None else (generator.device if generator is not None else "cpu")
     return torch.randn(tuple(shape_or_x_T), generator=generator, device=device)
+
+
+def _check_inpainting(x, x0, mask) -> None:
+    if (x0 is None) != (mask is None):
+        raise ValueError("inpainting needs both x0 (the known image) and mask (1 where it is known); pass both or "
+                         "neither")
+    if mask is None:
+        return
+    if x0.shape != x.shape:
+        raise ValueError(f"x0 must have the samples' shape {tuple(x.shape)}; got {tuple(x0.shape)}")
+    try:
+        torch.broadcast_shapes(mask.shape, x0.shape)
+    except RuntimeError:
+        raise ValueError(f"mask {tuple(mask.shape)} does not broadcast against x0 {tuple(x0.shape)}; use "
+                         "[N or 1, 1 or C, H, W]") from None
+    if mask.numel() and (mask.min() < 0 or mask.max() > 1):
+        raise ValueError("mask must hold values in [0, 1]: 1 where x0 is known, 0 where the model fills in")
+
+
+def _impose(diffusion, x, t, x0, mask, generator) -> torch.Tensor:
+    """x_t with its known region (mask 1) replaced by q_sample(x0, t) (LDM: img_orig * mask + (1 - mask) * img)."""
+    known = diffusion.q_sample(x0.to(x), _batch_timesteps(t, x), _noise(None, x, generator))
+    return mask.to(x) * known + (1 - mask.to(x)) * x
 
 
 def _check_noise(noise, num_steps: int) -> None:

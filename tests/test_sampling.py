@@ -256,3 +256,26 @@ def test_ldm_q_sample_parity(ldm):
     x_t = diff.q_sample(torch.from_numpy(ldm["ldm_q_sample.x_start"]), torch.from_numpy(ldm["ldm_q_sample.t"]),
                         torch.from_numpy(ldm["ldm_q_sample.noise"]))
     torch.testing.assert_close(x_t, torch.from_numpy(ldm["ldm_q_sample.sd.x_t"]), rtol=1e-6, atol=1e-7)
+
+
+def test_inpainting_reimposes_the_known_region_and_leaves_the_rest_alone():
+    """LDM's x0 / mask: with an eps = 0 "model" DDIM (eta 0) moves each pixel on its own, so the unknown half
+    must equal a run without a mask, and the known half must end at x0 (up to sqrt((1 - a_0) / a_0) |z| ~ 0.01 |z|)."""
+    diff = make("linear", 1000)
+    zero = lambda x_t, t, **kwargs: torch.zeros_like(x_t)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1  # the left half is known
+    timesteps = schedules.space_timesteps(1000, "ddim20")
+    free = sampling.ddim_sample(zero, diff, x_T, timesteps, clip_denoised=False, progress=False)
+    inpainted = sampling.ddim_sample(zero, diff, x_T, timesteps, clip_denoised=False, progress=False, x0=x0, mask=mask,
+                                     generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(inpainted[..., 4:], free[..., 4:])
+    assert (inpainted[..., :4] - x0[..., :4]).abs().max() < 0.06
+    assert (free[..., :4] - x0[..., :4]).abs().max() > 0.5
+    for sampler in (sampling.ddpm_sample, sampling.ddim_sample):
+        with pytest.raises(ValueError, match="both x0"):
+            sampler(zero, diff, x_T, timesteps, progress=False, mask=mask)
+        with pytest.raises(ValueError, match="does not broadcast"):
+            sampler(zero, diff, x_T, timesteps, progress=False, x0=x0, mask=torch.ones(3, 1, 8, 8))
