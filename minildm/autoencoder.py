@@ -459,6 +459,14 @@ def latent_scale_factor(ae: Autoencoder, images: torch.Tensor, *, batch_size: in
     return 1.0 / latents.flatten().std().item()
 
 
+def stored_scale_factor(ae: Autoencoder, training_images: torch.Tensor) -> float:
+    """The scale factor a training run stores with its last checkpoint: `latent_scale_factor` of the first 2,000
+    training images (KL samples drawn with a generator seeded 0), so a re-measurement gives the same number."""
+    device = ae.last_layer.device
+    return latent_scale_factor(ae, training_images[:2000].to(device),
+                               generator=torch.Generator(device).manual_seed(0))
+
+
 @torch.no_grad()
 def codebook_usage(ae: VQModel, images: torch.Tensor, *, batch_size: int = 256) -> dict:
     """How often each code is chosen over `images` (e.g. one epoch of the training data).

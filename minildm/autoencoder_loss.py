@@ -31,15 +31,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from minildm.autoencoder import KINDS
 from minildm.config import AutoencoderLossConfig
 
 CLASSIFIER_PATH = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / "shapes-classifier.safetensors"
 PERCEPTUAL = ("lpips", "classifier_features", "none")
 DISC_LOSSES = ("hinge", "vanilla")
-KINDS = ("kl", "vq")
 
 __all__ = ["LPIPS", "AutoencoderLoss", "ClassifierFeatureDistance", "NLayerDiscriminator",
-           "PerceptualWeightsUnavailable", "adaptive_weight", "adopt_weight", "classifier_feature_maps",
+           "PerceptualWeightsUnavailable", "adaptive_weight", "adopt_weight",
            "hinge_d_loss", "lpips_weights_path", "patch_side", "perceptual_loss", "vanilla_d_loss", "weights_init"]
 
 
@@ -195,35 +195,10 @@ class LPIPS(nn.Module):
         return self.lpips(x, x_rec).reshape(len(x))
 
 
-def classifier_feature_maps(classifier: nn.Module, x: torch.Tensor, t: int = 0) -> list[torch.Tensor]:
-    """The outputs of every input block and of the middle block of a `minildm.classifier.Classifier` at timestep t.
-
-    x: [N, in_channels, H, W] (sides divisible by 2^(levels - 1); the pooling head is not run, so any such
-    size works). Runs the blocks exactly as `Classifier.forward` does, with the same time embedding, and
-    returns the maps its "spatial" pools read: [N, C_i, H_i, W_i] for i = 1 .. len(input_blocks) + 1.
-    """
-    from minildm.layers import timestep_embedding_adm
-    from minildm.unet import check_image_input
-
-    cfg = classifier.config
-    t = check_image_input(x, t, classifier.input_blocks[0][0].weight, in_channels=cfg.in_channels,
-                          levels=len(cfg.channel_mult), section="classifier", name="classifier")
-    if cfg.time_scale != 1.0:  # as Classifier.forward: embed t * time_scale
-        t = t.float() * cfg.time_scale
-    emb = timestep_embedding_adm(t, cfg.channels)
-    emb = classifier.time_embed(emb.to(classifier.time_embed[0].weight.dtype))  # [N, 4C]
-    maps, h = [], x
-    for block in classifier.input_blocks:
-        h = block(h, emb)
-        maps.append(h)
-    maps.append(classifier.middle_block(h, emb))
-    return maps
-
-
 class ClassifierFeatureDistance(nn.Module):
     """The offline substitute for LPIPS: LPIPS's formula on the shipped shapes classifier's feature maps, [N].
 
-    d(x, y) = sum_i mean_hw sum_c (f_i(x) / |f_i(x)| - f_i(y) / |f_i(y)|)^2, f_i the `classifier_feature_maps`
+    d(x, y) = sum_i mean_hw sum_c (f_i(x) / |f_i(x)| - f_i(y) / |f_i(y)|)^2, f_i = Classifier.feature_maps
     at t = 0 (clean images), normalised over channels; no learned heads (LPIPS's unweighted "baseline", its
     lpips=False). The classifier (data/checkpoints/shapes-classifier.safetensors, EMA weights) was trained on
     the noised shapes data; it stays frozen and in eval mode, and the distance is differentiable w.r.t. x_rec.
@@ -251,7 +226,7 @@ class ClassifierFeatureDistance(nn.Module):
         """Distance per image [N] between x and x_rec, both [N, 3, H, W] in [-1, 1]."""
         _check_pair(x, x_rec, "ClassifierFeatureDistance")
         # One pass over both halves: the classifier normalises per image (GroupNorm), so batching does not mix them.
-        maps = classifier_feature_maps(self.classifier, torch.cat([x, x_rec]), t=0)
+        maps = self.classifier.feature_maps(torch.cat([x, x_rec]), 0)
         distance = 0.0
         for features in maps:
             unit = features / torch.sqrt(1e-8 + features.square().sum(dim=1, keepdim=True))  # LPIPS's normalize

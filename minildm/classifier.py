@@ -131,23 +131,31 @@ class Classifier(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Logits [N, out_channels] of p(y | x_t, t) for x_t [N, C, H, W] at timesteps t [N]."""
-        t = self._check_inputs(x_t, t)
+        maps = self._feature_maps(x_t, self._check_inputs(x_t, t))
+        if self.config.pool.startswith("spatial"):  # the spatial mean of every map, [N, sum of widths]
+            return self.out(torch.cat([h.mean(dim=(2, 3)) for h in maps], dim=-1))
+        return self.out(maps[-1])
+
+    def feature_maps(self, x_t: torch.Tensor, t) -> list[torch.Tensor]:
+        """The output of every input block and of the middle block, [N, C_i, H_i, W_i] each: what the "spatial"
+        pools average, and what a perceptual distance compares (`autoencoder_loss.ClassifierFeatureDistance`).
+        The head is not run, so any side divisible by 2^(levels - 1) works, whatever the pool."""
+        cfg = self.config
+        t = check_image_input(x_t, t, self.input_blocks[0][0].weight, in_channels=cfg.in_channels,
+                              levels=len(cfg.channel_mult), section="classifier", name="classifier")
+        return self._feature_maps(x_t, t)
+
+    def _feature_maps(self, x_t: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
         if self.config.time_scale != 1.0:  # as the UNet: embed t * time_scale
             t = t.float() * self.config.time_scale
         emb = timestep_embedding_adm(t, self.config.channels)  # [N, C], float32
         emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))  # [N, 4C]
-
-        spatial = self.config.pool.startswith("spatial")
-        h, means = x_t, []
+        maps, h = [], x_t
         for block in self.input_blocks:
             h = block(h, emb)
-            if spatial:
-                means.append(h.mean(dim=(2, 3)))  # [N, width of the block]
-        h = self.middle_block(h, emb)
-        if spatial:
-            means.append(h.mean(dim=(2, 3)))
-            return self.out(torch.cat(means, dim=-1))  # [N, sum of widths] -> [N, classes]
-        return self.out(h)
+            maps.append(h)
+        maps.append(self.middle_block(h, emb))
+        return maps
 
     def _check_inputs(self, x_t, t) -> torch.Tensor:
         """Raise a ValueError that says what to change; return t as a [N] tensor."""

@@ -304,7 +304,7 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
                  "on); set both")
 
     # the lists of valid names live beside their code
-    from minildm import autoencoder, classifier, data, diffusion, schedules
+    from minildm import autoencoder, autoencoder_loss, classifier, data, diffusion, schedules
 
     choice("model", config.model, MODELS)
     if config.model == "unet":
@@ -372,8 +372,8 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
         need(e.image_size % factor == 0, "autoencoder.image_size", e.image_size,
              f"must be divisible by f={factor} (2^(levels - 1) of channel_mult={e.channel_mult})")
         fits_its_data("autoencoder", e)
-        choice("autoencoder_loss.perceptual", loss.perceptual, ("lpips", "classifier_features", "none"))
-        choice("autoencoder_loss.disc_loss", loss.disc_loss, ("hinge", "vanilla"))
+        choice("autoencoder_loss.perceptual", loss.perceptual, autoencoder_loss.PERCEPTUAL)
+        choice("autoencoder_loss.disc_loss", loss.disc_loss, autoencoder_loss.DISC_LOSSES)
         for name in ("perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor"):
             number(f"autoencoder_loss.{name}", getattr(loss, name), 0)
         number("autoencoder_loss.logvar_init", loss.logvar_init, -30, 20)

@@ -142,13 +142,11 @@ class AutoencoderObjective:
 
     def final_extra(self, autoencoder, dataset) -> dict:
         """Stored with the last checkpoint: the latent scale factor, 1 / std of the latents of (up to) the first
-        2,000 training images (`autoencoder.latent_scale_factor`; LDM's scale_by_std uses one batch)."""
+        2,000 training images (`autoencoder.stored_scale_factor`; LDM's scale_by_std uses one batch)."""
         from minildm import autoencoder as autoencoder_lib
 
         images = torch.stack([dataset[i][0] for i in range(min(2000, len(dataset)))])
-        device = autoencoder.last_layer.device
-        return {"scale_factor": autoencoder_lib.latent_scale_factor(
-            autoencoder.eval(), images.to(device), generator=torch.Generator(device).manual_seed(0))}
+        return {"scale_factor": autoencoder_lib.stored_scale_factor(autoencoder.eval(), images)}
 
     def adversary_loss(self) -> torch.Tensor | None:
         """The discriminator's loss on this step's images, or None before disc_start (no step to take)."""

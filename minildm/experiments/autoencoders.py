@@ -189,8 +189,7 @@ def training_set_scores(ae: autoencoder.Autoencoder, config) -> dict:
     """The scale factor from the first 2,000 training images (as the training loop stores it) and, for a VQ
     model, the codes one epoch of the training set chooses (codes never chosen are dead: they get no gradient)."""
     images = data.build_dataset(config.data, train=True).tensors()[0]
-    scores = {"scale_factor_train": autoencoder.latent_scale_factor(ae, images[:2000],
-                                                                    generator=torch.Generator().manual_seed(0))}
+    scores = {"scale_factor_train": autoencoder.stored_scale_factor(ae, images)}
     if config.autoencoder.kind == "vq":
         usage = autoencoder.codebook_usage(ae, images)
         scores.update(epoch_codes_used=usage["used"], epoch_dead_codes=usage["dead"],
