@@ -7,12 +7,16 @@ model always receives the original timesteps t.
 
 - `ddpm_sample`: ancestral sampling, Ho et al. 2020 Algorithm 2 (respaced as in Nichol & Dhariwal 2021, Sec. 4).
 - `ddim_sample`: Song et al. 2021 (DDIM), Eq. 12; eta = 0 is deterministic, eta = 1 matches DDPM's variance.
+- `plms_sample`: latent-diffusion's PLMS (pseudo linear multi-step, Liu et al. 2022, PNDM): deterministic DDIM
+  steps (eta = 0) taken with an Adams–Bashforth combination of the current and up to 3 previous eps.
 
-Each step is also available alone (`ddpm_step`, `ddim_step`). Both samplers inpaint (`x0=..., mask=...`, as LDM's).
+Each step is also available alone (`ddpm_step`, `ddim_step`, `plms_step`). All samplers inpaint
+(`x0=..., mask=...`, as LDM's).
 Guidance (`minildm.guidance`, chapter 04):
 - classifier guidance through `cond_fn(x_t, t, **model_kwargs)` -> s · ∇ log p(y | x_t), applied where
   guided-diffusion applies it: on the mean in `ddpm_step` (`condition_mean`), on eps in `ddim_step`
-  (`condition_score`); cond_fn receives the original timestep, also on a respaced list;
+  (`condition_score`) and on every eps that `plms_step` combines; cond_fn receives the original timestep,
+  also on a respaced list;
 - classifier-free guidance as a model wrapper (`guidance.classifier_free`): a callable with the
   model's signature.
 Samplers run under `torch.no_grad()` (a cond_fn enables gradients inside itself); put the model in eval
@@ -34,6 +38,8 @@ from minildm import schedules
 from minildm.diffusion import GaussianDiffusion, _coef
 from minildm.guidance import CondFn, condition_mean, condition_score
 from minildm.progress import progress as progress_bar
+
+__all__ = ["ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step", "plms_sample", "plms_step"]
 
 Callback = Callable[..., None]  # callback(info: dict) or callback(step_index, t, x_t, pred_x0)
 
@@ -100,6 +106,48 @@ def ddim_step(model: Callable, diffusion: GaussianDiffusion, x_t: torch.Tensor, 
     return x_prev, out["pred_x0"]
 
 
+@torch.no_grad()
+def plms_step(model: Callable, diffusion: GaussianDiffusion, x_t: torch.Tensor, t, t_prev,
+              old_eps: Sequence[torch.Tensor] = (), *, t_provisional=None, clip_denoised: bool = False,
+              model_kwargs: dict | None = None, cond_fn: CondFn | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One PLMS step x_t -> x_{t_prev} (LDM's `p_sample_plms`); returns (x_prev, pred_x0, eps), [N, ...].
+
+    old_eps: the eps of the previous steps, oldest first (the last 3 are used); eps, the model's at (x_t, t),
+    is the one to append. The step is DDIM's with eta = 0 (Song et al. 2021, Eq. 12) taken with eps' =
+    - no history, pseudo improved Euler: (eps + eps(x', t_provisional)) / 2, where x' is the DDIM step with eps
+      and t_provisional defaults to t_prev (t when t_prev = -1, where LDM's one-step chain evaluates it);
+    - Adams–Bashforth on 1, 2, 3 previous eps: (3 e - e_1) / 2, (23 e - 16 e_1 + 5 e_2) / 12,
+      (55 e - 59 e_1 + 37 e_2 - 9 e_3) / 24, e_k being the eps k steps back (weights for equal steps, applied
+      per step whatever the spacing, as LDM).
+    clip_denoised clamps the pred_x0 of each DDIM update to [-1, 1] (with the eps consistent with it). LDM never
+    clips here: its quantize_denoised (off by default) VQ-quantizes pred_x0 instead, which is not provided.
+    cond_fn: guidance on every eps before it is combined, eps - sqrt(1 - a) · cond_fn(x, t, **model_kwargs).
+    """
+    t = _batch_timesteps(t, x_t)
+    t_prev = _batch_timesteps(t_prev, x_t)
+    # 1. the network's eps at (x_t, t)
+    eps = _model_eps(model, diffusion, x_t, t, model_kwargs, cond_fn)
+    old_eps = list(old_eps)[-3:]
+    # 2. eps' of the multistep formula of the order the history allows
+    if not old_eps:  # a provisional DDIM step, eps again where it lands, the average (2nd order)
+        if t_provisional is None:
+            t_provisional = torch.where(t_prev >= 0, t_prev, t)
+        x_provisional, _ = _ddim_update(diffusion, x_t, t, t_prev, eps, clip_denoised)
+        eps_provisional = _model_eps(model, diffusion, x_provisional, _batch_timesteps(t_provisional, x_t),
+                                     model_kwargs, cond_fn)
+        eps_prime = (eps + eps_provisional) / 2
+    elif len(old_eps) == 1:
+        eps_prime = (3 * eps - old_eps[-1]) / 2
+    elif len(old_eps) == 2:
+        eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+    else:
+        eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+    # 3. the deterministic DDIM step with eps'
+    x_prev, pred_x0 = _ddim_update(diffusion, x_t, t, t_prev, eps_prime, clip_denoised)
+    return x_prev, pred_x0, eps
+
+
 def ddpm_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, timesteps: Sequence[int] | None = None,
                 *, clip_denoised: bool = True, model_kwargs: dict | None = None,
                 generator: torch.Generator | None = None, noise: Sequence[torch.Tensor | None] | None = None,
@@ -156,6 +204,67 @@ def ddim_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, tim
     return x
 
 
+def plms_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, timesteps: Sequence[int] | None = None,
+                *, eta: float = 0.0, clip_denoised: bool = False, final_t_prev: int = -1,
+                model_kwargs: dict | None = None, generator: torch.Generator | None = None,
+                callback: Callback | None = None, progress: bool = True, device=None,
+                cond_fn: CondFn | None = None, x0: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PLMS sampling (latent-diffusion's `PLMSSampler`; Liu et al. 2022) over `timesteps`; returns x0 [N, ...].
+
+    S steps cost S + 1 model calls (the first step evaluates twice, `plms_step`); deterministic given x_T.
+    eta must be 0, as in LDM. clip_denoised defaults to False as in LDM (latents are not in [-1, 1]), unlike
+    `ddim_sample`.
+    final_t_prev: where the last step goes, -1 (x0, alpha_bar = 1) as the other samplers, or 0 (alpha_bar_0)
+    as LDM's DDIM and PLMS samplers, whose timesteps 1, 1 + T / S, … (`schedules.ldm_ddim_timesteps`) end there.
+    Other arguments as in `ddim_sample`; the model's output may hold learned-variance channels (ignored),
+    and an "x0" or "v" output is turned into eps.
+    """
+    if eta != 0:
+        raise ValueError(f"eta must be 0 for PLMS (a deterministic multistep method, as LDM's PLMSSampler), got "
+                         f"{eta}; use ddim_sample for eta > 0")
+    x = _initial(model, shape_or_x_T, generator, device)
+    steps = _pairs(timesteps, diffusion.num_timesteps, final_t_prev)
+    _check_inpainting(x, x0, mask)
+    old_eps: list[torch.Tensor] = []
+    for i, (t, t_prev, _) in enumerate(progress_bar(steps, disable=not progress, desc="PLMS")):
+        if mask is not None:
+            x = _impose(diffusion, x, t, x0, mask, generator)
+        # the first step's second call sees the next kept timestep (t itself on a one-step chain, as LDM)
+        t_provisional = steps[min(i + 1, len(steps) - 1)][0]
+        x_prev, pred_x0, eps = plms_step(model, diffusion, x, t, t_prev, old_eps, t_provisional=t_provisional,
+                                         clip_denoised=clip_denoised, model_kwargs=model_kwargs, cond_fn=cond_fn)
+        old_eps = [*old_eps, eps][-3:]
+        _report(callback, i, t, t_prev, x, x_prev, pred_x0)
+        x = x_prev
+    return x
+
+
+def _model_eps(model, diffusion, x_t, t, model_kwargs, cond_fn) -> torch.Tensor:
+    """The network's eps at (x_t, t): variance channels dropped, an x0 or v output converted, guidance applied."""
+    mean_part, _ = diffusion.split_model_output(model(x_t, t, **(model_kwargs or {})), x_t)
+    if diffusion.model_mean_type == "x0":
+        eps = diffusion.eps_from_x0(x_t, t, mean_part)
+    elif diffusion.model_mean_type == "v":
+        eps = diffusion.eps_from_v(x_t, t, mean_part)
+    else:
+        eps = mean_part
+    if cond_fn is not None:  # ADM Algorithm 2 (LDM's score_corrector acts at the same place)
+        a = diffusion._alpha_bar(t, x_t)
+        eps = eps - _coef((1 - a) ** 0.5, x_t) * cond_fn(x_t, t, **(model_kwargs or {}))
+    return eps
+
+
+def _ddim_update(diffusion, x_t, t, t_prev, eps, clip_denoised) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic DDIM step with a given eps: x_prev = sqrt(a') pred_x0 + sqrt(1 - a') eps (Eq. 12, eta = 0)."""
+    pred_x0 = diffusion.x0_from_eps(x_t, t, eps)
+    if clip_denoised:
+        pred_x0 = pred_x0.clamp(-1, 1)
+        eps = diffusion.eps_from_x0(x_t, t, pred_x0)
+    a_prev = diffusion.step_coefficients(t, t_prev)["alpha_bar_prev"]
+    return _coef(a_prev**0.5, x_t) * pred_x0 + _coef((1 - a_prev) ** 0.5, x_t) * eps, pred_x0
+
+
 def _report(callback, i, t, t_prev, x, x_prev, pred_x0) -> None:
     """Call the step callback: with one dict if it takes one parameter, else the older four arguments."""
     if callback is None:
@@ -176,11 +285,16 @@ def _takes_one_argument(function) -> bool:
     return len(positional) == 1 and not any(p.kind == p.VAR_POSITIONAL for p in parameters)
 
 
-def _pairs(timesteps: Sequence[int] | None, num_timesteps: int) -> list[tuple[int, int, int]]:
-    """(t, t_prev, t_next) for each step, walking the kept timesteps from the largest down to t_prev = -1."""
+def _pairs(timesteps: Sequence[int] | None, num_timesteps: int, final_t_prev: int = -1
+           ) -> list[tuple[int, int, int]]:
+    """(t, t_prev, t_next) for each step, walking the kept timesteps from the largest down to t_prev = final_t_prev
+    (-1: x0)."""
     kept = schedules._check_timesteps(range(num_timesteps) if timesteps is None else timesteps, num_timesteps)
+    if not -1 <= final_t_prev < kept[0]:
+        raise ValueError(f"final_t_prev must be -1 (end at x0) or a timestep below the smallest kept one "
+                         f"({kept[0]}); got {final_t_prev}")
     descending = kept[::-1].tolist()
-    previous = descending[1:] + [-1]
+    previous = descending[1:] + [int(final_t_prev)]
     following = [descending[0] + 1] + descending[:-1]
     return list(zip(descending, previous, following))
 

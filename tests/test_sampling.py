@@ -1,12 +1,14 @@
 """Samplers: identities, reproducibility, callbacks, input checks; parity with guided- and latent-diffusion."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
+from helpers import fixed_output, ldm_model, make, oracle_eps_model
 
 from minildm import sampling, schedules
-
-from helpers import fixed_output, ldm_model, make, oracle_eps_model
+from minildm.diffusion import GaussianDiffusion
 
 
 def smooth_model(x_t, t, **kwargs):
@@ -16,14 +18,15 @@ def smooth_model(x_t, t, **kwargs):
 # ---------------------------------------------------------------------- identities
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "plms"])
 @pytest.mark.parametrize("spec", [None, "10", "ddim5"])
 def test_a_perfect_model_samples_its_data_point(sampler, spec):
+    """For a point mass eps is constant along the DDIM path, so PLMS's combinations (weights summing to 1) too."""
     diff = make("cosine", 50)
     x0 = torch.tensor([[0.5, -0.25], [1.0, -1.0]], dtype=torch.float64)
     timesteps = None if spec is None else schedules.space_timesteps(50, spec)
     x_T = torch.randn(2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    fn = sampling.ddpm_sample if sampler == "ddpm" else sampling.ddim_sample
+    fn = {"ddpm": sampling.ddpm_sample, "ddim": sampling.ddim_sample, "plms": sampling.plms_sample}[sampler]
     out = fn(oracle_eps_model(diff, x0), diff, x_T, timesteps, progress=False,
              generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-9)
@@ -167,7 +170,7 @@ def test_p_sample_parity(gd, name, var_type, mean_type):
 # at t=10 that is 1.2e-4 relative off the float64 value (1 - a/a' ~ 2e-4 cancels), hence eta=1 samples differ by
 # up to 1.5e-5 (on values ~1) from our float64 coefficients. eta=0: measured max abs error 3.1e-6 at t=10
 # (float32 sqrt(1 - a') with 1 - a' ~ 1e-3 in the original, times the eps re-derived from x0).
-DDIM_TOLERANCE = {0: dict(rtol=1e-6, atol=5e-6), 1: dict(rtol=1e-4, atol=1e-5)}
+DDIM_TOLERANCE = {0: {"rtol": 1e-6, "atol": 5e-6}, 1: {"rtol": 1e-4, "atol": 1e-5}}
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -279,3 +282,250 @@ def test_inpainting_reimposes_the_known_region_and_leaves_the_rest_alone():
             sampler(zero, diff, x_T, timesteps, progress=False, mask=mask)
         with pytest.raises(ValueError, match="does not broadcast"):
             sampler(zero, diff, x_T, timesteps, progress=False, x0=x0, mask=torch.ones(3, 1, 8, 8))
+
+
+# ---------------------------------------------------------------------- PLMS (latent-diffusion's PLMSSampler)
+
+
+def ldm_plms_sampling(apply_model, alphas_cumprod, ddim_timesteps, x_T, c, x0=None, mask=None, generator=None):
+    """latent-diffusion's `PLMSSampler.make_schedule` + `plms_sampling` + `p_sample_plms` (ldm/models/diffusion/
+    plms.py), transcribed line by line for eta = 0, no guidance, no score corrector, in float64.
+    Returns (img, the pred_x0 given to img_callback at each step)."""
+    # make_ddim_sampling_parameters
+    ddim_alphas = alphas_cumprod[ddim_timesteps]
+    ddim_alphas_prev = np.asarray([alphas_cumprod[0]] + alphas_cumprod[ddim_timesteps[:-1]].tolist())
+    ddim_sigmas = 0.0 * np.sqrt((1 - ddim_alphas_prev) / (1 - ddim_alphas) * (1 - ddim_alphas / ddim_alphas_prev))
+    ddim_sqrt_one_minus_alphas = np.sqrt(1. - ddim_alphas)
+
+    def q_sample(x_start, t):  # DDPM.q_sample; its noise = randn_like(x_start), here from `generator`
+        noise = torch.randn(x_start.shape, generator=generator, dtype=x_start.dtype)
+        a = torch.from_numpy(alphas_cumprod[t.numpy()]).view(-1, 1, 1, 1)
+        return a.sqrt() * x_start + (1 - a).sqrt() * noise
+
+    def p_sample_plms(x, c, t, index, old_eps, t_next):
+        b = x.shape[0]
+
+        def get_model_output(x, t):
+            return apply_model(x, t, c)
+
+        alphas, alphas_prev = ddim_alphas, ddim_alphas_prev
+        sqrt_one_minus_alphas, sigmas = ddim_sqrt_one_minus_alphas, ddim_sigmas
+
+        def get_x_prev_and_pred_x0(e_t, index):
+            a_t = torch.full((b, 1, 1, 1), alphas[index], dtype=torch.float64)
+            a_prev = torch.full((b, 1, 1, 1), alphas_prev[index], dtype=torch.float64)
+            sigma_t = torch.full((b, 1, 1, 1), sigmas[index], dtype=torch.float64)
+            sqrt_one_minus_at = torch.full((b, 1, 1, 1), sqrt_one_minus_alphas[index], dtype=torch.float64)
+            pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+            dir_xt = (1. - a_prev - sigma_t**2).sqrt() * e_t
+            noise = sigma_t * torch.zeros_like(x)  # sigma_t = 0 (eta = 0): noise_like(...) does not matter
+            x_prev = a_prev.sqrt() * pred_x0 + dir_xt + noise
+            return x_prev, pred_x0
+
+        e_t = get_model_output(x, t)
+        if len(old_eps) == 0:
+            x_prev, pred_x0 = get_x_prev_and_pred_x0(e_t, index)
+            e_t_next = get_model_output(x_prev, t_next)
+            e_t_prime = (e_t + e_t_next) / 2
+        elif len(old_eps) == 1:
+            e_t_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_t_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        elif len(old_eps) >= 3:
+            e_t_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x_prev, pred_x0 = get_x_prev_and_pred_x0(e_t_prime, index)
+        return x_prev, pred_x0, e_t
+
+    b = x_T.shape[0]
+    img = x_T
+    time_range = np.flip(ddim_timesteps)
+    total_steps = ddim_timesteps.shape[0]
+    old_eps, pred_x0s = [], []
+    for i, step in enumerate(time_range):
+        index = total_steps - i - 1
+        ts = torch.full((b,), step, dtype=torch.long)
+        ts_next = torch.full((b,), time_range[min(i + 1, len(time_range) - 1)], dtype=torch.long)
+        if mask is not None:
+            img_orig = q_sample(x0, ts)
+            img = img_orig * mask + (1. - mask) * img
+        img, pred_x0, e_t = p_sample_plms(img, c, ts, index, old_eps, ts_next)
+        old_eps.append(e_t)
+        if len(old_eps) >= 4:
+            old_eps.pop(0)
+        pred_x0s.append(pred_x0)  # img_callback(pred_x0, i)
+    return img, pred_x0s
+
+
+@pytest.mark.parametrize("inpaint", [False, True])
+@pytest.mark.parametrize("num_steps", [1, 4, 10, 50])
+def test_plms_sample_parity_with_ldm(ldm, num_steps, inpaint):
+    """Our plms_sample(final_t_prev=0) on LDM's timesteps = the transcription of LDM's loop above, on the SD
+    schedule (alphas_cumprod in float64 as LDM's register_schedule computes it before its float32 cast) with the
+    fixture's apply_model: the first step (pseudo improved Euler), then Adams-Bashforth of orders 2, 3, 4; the one-step
+    chain evaluates its second call at t itself; inpainting re-imposes q_sample(x0, t) before each step.
+    Measured max abs error 4.4e-14 on x, 7.8e-14 on pred_x0 (values up to 46)."""
+    betas = ldm["make_beta_schedule.sd"]
+    alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
+    # make_ddim_timesteps('uniform', num_steps, 1000)
+    ddim_timesteps = np.asarray(list(range(0, 1000, 1000 // num_steps))) + 1
+    assert ddim_timesteps.tolist() == schedules.ldm_ddim_timesteps(1000, num_steps)
+    if num_steps == 50:  # the same alphas as LDM's float32 buffers
+        np.testing.assert_allclose(alphas_cumprod[ddim_timesteps], ldm["ddim_schedule.sd.S50.eta0.ddim_alphas"],
+                                   rtol=1e-7)
+        np.testing.assert_allclose(np.append(alphas_cumprod[0], alphas_cumprod[ddim_timesteps[:-1]]),
+                                   ldm["ddim_schedule.sd.S50.eta0.ddim_alphas_prev"], rtol=1e-7)
+    x_T = torch.from_numpy(ldm["ddim_step.x"]).double()
+    context = torch.from_numpy(ldm["ddim_step.c"]).double()
+    x0, mask = None, None
+    if inpaint:
+        x0 = torch.rand(x_T.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+        mask = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+        mask[..., :3] = 1
+    expected, expected_pred_x0 = ldm_plms_sampling(ldm_model, alphas_cumprod, ddim_timesteps, x_T, context,
+                                                   x0=x0, mask=mask, generator=torch.Generator().manual_seed(5))
+
+    diff = GaussianDiffusion(betas)
+    infos = []
+    out = sampling.plms_sample(ldm_model, diff, x_T, ddim_timesteps.tolist(), final_t_prev=0,
+                               model_kwargs={"context": context}, callback=infos.append, progress=False,
+                               x0=x0, mask=mask, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert len(infos) == num_steps
+    torch.testing.assert_close(torch.stack([info["pred_x0"] for info in infos]), torch.stack(expected_pred_x0),
+                               rtol=0, atol=1e-12)
+    # the default final step (to x0, alpha_bar = 1) is not LDM's (to alpha_bar_0): 0.027 apart
+    to_x0 = sampling.plms_sample(ldm_model, diff, x_T, ddim_timesteps.tolist(), progress=False,
+                                 model_kwargs={"context": context}, x0=x0, mask=mask,
+                                 generator=torch.Generator().manual_seed(5))
+    assert (to_x0 - expected).abs().max() > 0.01
+
+
+GAUSSIAN_TIMESTEPS = schedules.space_timesteps(1000, "10")  # 0, 111, …, 999: starts at T - 1 like x_T
+
+
+def gaussian_data_model(diff, mu, s, mean_type="eps", learned_variance=False):
+    """The exact network for data x0 ~ N(mu, s²) in 1-D, [N, 1]: E[eps | x_t] = sqrt(1 - a)(x_t - sqrt(a) mu) /
+    (a s² + 1 - a), a = alpha_bar_t, written as eps, x0 or v; optional junk learned-variance channels."""
+    def model(x_t, t, **kwargs):
+        a = torch.from_numpy(diff.alpha_bar[t.numpy()]).to(x_t).view(-1, 1)
+        eps = (1 - a).sqrt() * (x_t - a.sqrt() * mu) / (a * s**2 + 1 - a)
+        pred_x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        out = {"eps": eps, "x0": pred_x0, "v": a.sqrt() * eps - (1 - a).sqrt() * pred_x0}[mean_type]
+        return torch.cat([out, torch.full_like(out, 0.37)], dim=1) if learned_variance else out
+    return model
+
+
+@pytest.mark.parametrize("mu, s", [(0.3, 0.5), (0.5, 0.1)])
+def test_plms_is_closer_to_the_probability_flow_than_ddim(mu, s):
+    """Gaussian data: the probability-flow ODE maps x_T to mu + s (x_T - sqrt(a_T) mu) / sqrt(a_T s² + 1 - a_T)
+    (the monotone map between the two Gaussians). On LDM's schedule (scaled_linear), max abs error over 64 x_T:
+    (0.3, 0.5): PLMS-10 0.057, DDIM-10 0.352, DDIM-1000 0.0070; (0.5, 0.1): 0.042, 0.160, 0.018."""
+    diff = make("scaled_linear")
+    model = gaussian_data_model(diff, mu, s)
+    x_T = torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a_T = diff.alpha_bar[GAUSSIAN_TIMESTEPS[-1]]
+    exact = mu + s * (x_T - a_T**0.5 * mu) / (a_T * s**2 + 1 - a_T) ** 0.5
+    error = {name: float((run() - exact).abs().max()) for name, run in [
+        ("ddim1000", lambda: sampling.ddim_sample(model, diff, x_T, clip_denoised=False, progress=False)),
+        ("ddim10", lambda: sampling.ddim_sample(model, diff, x_T, GAUSSIAN_TIMESTEPS, clip_denoised=False,
+                                                progress=False)),
+        ("plms10", lambda: sampling.plms_sample(model, diff, x_T, GAUSSIAN_TIMESTEPS, progress=False))]}
+    assert error["ddim1000"] < 0.025  # the closed form is the ODE's solution: fine DDIM steps reach it
+    assert error["plms10"] < 0.4 * error["ddim10"]
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+def test_plms_takes_every_mean_type_and_ignores_variance_channels(mean_type):
+    """The same network written as eps, x0 or v, with or without learned-variance channels: the same samples."""
+    x_T = torch.randn(8, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference_diff = make("scaled_linear")
+    reference = sampling.plms_sample(gaussian_data_model(reference_diff, 0.3, 0.5), reference_diff, x_T,
+                                     GAUSSIAN_TIMESTEPS, progress=False)
+    diff = make("scaled_linear", model_mean_type=mean_type, model_var_type="learned_range", loss_type="hybrid")
+    out = sampling.plms_sample(gaussian_data_model(diff, 0.3, 0.5, mean_type, learned_variance=True), diff, x_T,
+                               GAUSSIAN_TIMESTEPS, progress=False)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-10)
+
+
+def test_plms_callback_model_timesteps_and_determinism():
+    """One callback per step with the dict; the model sees original timesteps, the first one twice-called step
+    (t_0, then t_1 for the provisional x); the run is deterministic given x_T whatever the generator."""
+    diff = make("linear", 100)
+    timesteps = schedules.space_timesteps(100, "ddim10")
+    calls, infos, legacy = [], [], []
+
+    def model(x_t, t, y=None):
+        calls.append(int(t[0]))
+        return smooth_model(x_t, t)
+
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    runs = [sampling.plms_sample(model, diff, x_T, timesteps, model_kwargs={"y": torch.tensor([1, 2])},
+                                 generator=torch.Generator().manual_seed(seed), progress=True,
+                                 callback=infos.append if seed == 1 else
+                                 lambda i, t, x_t, pred_x0: legacy.append((i, t)))
+            for seed in (1, 2)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    descending = timesteps[::-1]
+    assert calls == 2 * [descending[0], descending[1], *descending[1:]]  # S + 1 calls per run
+    assert [info["i"] for info in infos] == list(range(10)) and [i for i, _ in legacy] == list(range(10))
+    assert [info["t"] for info in infos] == descending == [t for _, t in legacy]
+    assert [info["t_prev"] for info in infos] == descending[1:] + [-1]
+    torch.testing.assert_close(infos[0]["x"], x_T)
+    for before, after in itertools.pairwise(infos):
+        assert after["x"] is before["x_prev"]
+    assert infos[-1]["x_prev"] is runs[0] and infos[-1]["pred_x0"] is infos[-1]["denoised"]
+    torch.testing.assert_close(infos[-1]["x_prev"], infos[-1]["pred_x0"])  # the last step ends at pred_x0
+
+
+def test_plms_step_history_and_cond_fn():
+    """plms_step uses the last 3 eps of any longer history; cond_fn acts on every eps as a model wrapper would."""
+    diff = make("linear", 100)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    history = [torch.full_like(x, value) for value in (9.0, 0.1, -0.2, 0.3)]
+    long, _, eps = sampling.plms_step(smooth_model, diff, x, 50, 40, history)
+    short, _, _ = sampling.plms_step(smooth_model, diff, x, 50, 40, history[-3:])
+    torch.testing.assert_close(long, short, rtol=0, atol=0)
+    torch.testing.assert_close(eps, smooth_model(x, torch.full((2,), 50)))
+    clipped, pred_x0, _ = sampling.plms_step(smooth_model, diff, 3 * x, 50, 40, history, clip_denoised=True)
+    unclipped, free_x0, _ = sampling.plms_step(smooth_model, diff, 3 * x, 50, 40, history)
+    assert pred_x0.abs().max() <= 1 < free_x0.abs().max() and (clipped - unclipped).abs().max() > 0.1
+
+    gradient = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).view_as(x)
+
+    def shifted(x_t, t, **kwargs):
+        a = torch.from_numpy(diff.alpha_bar[t.numpy()]).view(-1, 1, 1, 1)
+        return smooth_model(x_t, t) - (1 - a).sqrt() * gradient
+
+    guided = sampling.plms_sample(smooth_model, diff, x, [10, 50, 90], progress=False, cond_fn=lambda x_t, t: gradient)
+    wrapped = sampling.plms_sample(shifted, diff, x, [10, 50, 90], progress=False)
+    torch.testing.assert_close(guided, wrapped, rtol=0, atol=1e-12)
+
+
+def test_plms_inpainting_and_bad_arguments():
+    """An eps = 0 "model" moves each pixel on its own: the free half equals a run without a mask, the known half
+    ends at x0 (see the DDIM inpainting test above)."""
+    diff = make("linear", 1000)
+    zero = lambda x_t, t, **kwargs: torch.zeros_like(x_t)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    timesteps = schedules.space_timesteps(1000, "ddim20")
+    free = sampling.plms_sample(zero, diff, x_T, timesteps, progress=False)
+    inpainted = sampling.plms_sample(zero, diff, x_T, timesteps, progress=False, x0=x0, mask=mask,
+                                     generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(inpainted[..., 4:], free[..., 4:])
+    assert (inpainted[..., :4] - x0[..., :4]).abs().max() < 0.06
+    assert (free[..., :4] - x0[..., :4]).abs().max() > 0.5
+
+    with pytest.raises(ValueError, match="eta must be 0 for PLMS"):
+        sampling.plms_sample(zero, diff, x_T, timesteps, eta=0.5, progress=False)
+    with pytest.raises(ValueError, match=r"final_t_prev must be -1 \(end at x0\) or a timestep below the smallest "
+                                         r"kept one \(0\); got 0"):
+        sampling.plms_sample(zero, diff, x_T, timesteps, final_t_prev=0, progress=False)
+    with pytest.raises(ValueError, match="both x0"):
+        sampling.plms_sample(zero, diff, x_T, timesteps, progress=False, mask=mask)
+    with pytest.raises(ValueError, match="timesteps contain duplicates"):
+        sampling.plms_sample(zero, diff, x_T, [0, 10, 10], progress=False)
+    with pytest.raises(ValueError, match=r"model_output has shape \(2, 6, 8, 8\)"):
+        sampling.plms_sample(lambda x_t, t: torch.cat([x_t, x_t], dim=1), diff, x_T, timesteps, progress=False)
