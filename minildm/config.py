@@ -134,6 +134,27 @@ class AutoencoderLossConfig:
 
 
 @dataclass
+class LatentConfig:
+    """Latent diffusion (Rombach et al. 2022, minildm.latent): the UNet denoises scaled first-stage latents.
+
+    With `first_stage` set, config.unet describes the denoiser of latents (unet.image_size = data.image_size / f,
+    unet.in_channels = the autoencoder's embed_dim) and config.data the images. The conditioner turns a
+    condition into the context tokens [N, L, unet.context_dim] of cross-attention:
+    "class" (LDM's ClassEmbedder, cond_vocab classes, the last one the null class), "text" (a word tokenizer and
+    LDM's TransformerEmbedder trained from scratch, cond_vocab words, cond_length tokens, cond_layers layers),
+    "layout" (LDM's box tokens into the same transformer), "clip" (Stable Diffusion v1's frozen CLIP ViT-L/14).
+    """
+
+    first_stage: str = ""  # "": pixel-space diffusion; an autoencoder preset ("ae-kl-f8") or checkpoint path
+    scale_factor: float = 1.0  # latents are multiplied by it before diffusion (SD v1: 0.18215); 0: the first
+    # stage checkpoint's stored one (LDM's scale_by_std)
+    conditioner: str = "none"  # none | class | text | layout | clip
+    cond_vocab: int = 0  # class: classes incl. the null class; text / layout: the tokenizer's vocabulary size
+    cond_length: int = 77  # text / layout: tokens per condition (the transformer's max_seq_len)
+    cond_layers: int = 0  # text / layout: transformer layers of LDM's TransformerEmbedder
+
+
+@dataclass
 class MLPConfig:
     """A small residual MLP denoiser for 2-D toy data."""
 
@@ -210,7 +231,7 @@ class TrainConfig:
 class SampleConfig:
     """Default sampling settings: sampler, timestep spacing, batch."""
 
-    sampler: str = "ddpm"  # ddpm (ancestral) | ddim
+    sampler: str = "ddpm"  # ddpm (ancestral) | ddim | plms (LDM's pseudo linear multistep)
     timestep_respacing: str = ""  # "" = all steps; "250", "10,10,10", "ddim50"
     eta: float = 0.0
     clip_denoised: bool = True
@@ -228,6 +249,7 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -256,7 +278,8 @@ def from_dict(data: dict, cls=Config):
     return cls(**kwargs)
 
 
-MODELS = ("unet", "mlp", "classifier", "autoencoder")  # what `Config.model` may name (`minildm.build_model` builds it)
+MODELS = ("unet", "mlp", "classifier", "autoencoder")
+CONDITIONERS = ("none", "class", "text", "layout", "clip")  # latent.conditioner (minildm.conditioning)  # what `Config.model` may name (`minildm.build_model` builds it)
 
 
 class ConfigError(ValueError):
@@ -298,7 +321,7 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
             bad = [w for w in widths if w % net.norm_groups]
             need(not bad, f"{section}.norm_groups", net.norm_groups,
                  f"must divide every level's width {widths} (it does not divide {bad})")
-        if config.data.dataset != "toy2d" and not own_data:
+        if config.data.dataset != "toy2d" and not own_data and not (section == "unet" and config.latent.first_stage):
             need(net.image_size == config.data.image_size, f"{section}.image_size", net.image_size,
                  f"must equal data.image_size={config.data.image_size} (the network sees the images it trains "
                  "on); set both")
@@ -411,6 +434,22 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
     count("data.num_samples", a.num_samples)
     choice("data.toy", a.toy, data.TOY_2D)
 
+    l = config.latent
+    choice("latent.conditioner", l.conditioner, CONDITIONERS)
+    number("latent.scale_factor", l.scale_factor, 0)
+    count("latent.cond_length", l.cond_length)
+    count("latent.cond_layers", l.cond_layers, 0)
+    count("latent.cond_vocab", l.cond_vocab, 0)
+    if l.conditioner != "none":
+        need(config.model == "unet" and config.unet.context_dim > 0, "latent.conditioner", l.conditioner,
+             "feeds cross-attention: set unet.context_dim (> 0) to the conditioner's width")
+    if l.conditioner in ("class", "text", "layout"):
+        count("latent.cond_vocab", l.cond_vocab, 2)
+    if l.conditioner in ("text", "layout"):
+        count("latent.cond_layers", l.cond_layers, 1)
+    need(l.scale_factor > 0 or l.first_stage, "latent.scale_factor", l.scale_factor,
+         "0 (the first stage's stored factor) needs latent.first_stage")
+
     t = config.train
     count("train.batch_size", t.batch_size)
     number("train.lr", t.lr, 0, open_low=True)
@@ -425,8 +464,9 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
     number("train.grad_clip", t.grad_clip, 0)
     number("train.ema_decay", t.ema_decay, 0, 1, open_high=True)
     number("train.cond_dropout", t.cond_dropout, 0, 1)
-    need(t.cond_dropout == 0 or (config.model == "unet" and config.unet.null_class), "train.cond_dropout",
-         t.cond_dropout, "replaces labels by the null class: set unet.null_class=true (and unet.num_classes > 0)")
+    need(t.cond_dropout == 0 or (config.model == "unet" and (config.unet.null_class or l.conditioner != "none")),
+         "train.cond_dropout", t.cond_dropout, "replaces conditions by the null one: set unet.null_class=true (and "
+         "unet.num_classes > 0), or a latent.conditioner")
     choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
     count("train.seed", t.seed, 0)
     for name in ("log_every", "sample_every", "save_every"):
@@ -434,7 +474,7 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
     need(bool(t.out_dir), "train.out_dir", t.out_dir, "must name a folder")
 
     s = config.sample
-    choice("sample.sampler", s.sampler, ("ddpm", "ddim"))
+    choice("sample.sampler", s.sampler, ("ddpm", "ddim", "plms"))
     number("sample.eta", s.eta, 0)
     count("sample.num_samples", s.num_samples)
     count("sample.batch_size", s.batch_size)

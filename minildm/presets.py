@@ -519,3 +519,113 @@ _ldm_autoencoder("ae-vq-f8-n256", "vq", 67_652_783, (1, 2, 2, 4), (32,), 4, 256,
 _ldm_autoencoder("ae-vq-f16", "vq", 69_593_371, (1, 1, 2, 2, 4), (16,), 8, 16384, 14,
                  dict(perceptual="lpips", disc_start=250001, disc_weight=0.75, disc_num_layers=2, codebook_weight=1.0),
                  "rFID 5.15, PSNR 20.83 (README)", "vq-f16.zip")
+
+# ---------------------------------------------------------------------------------------------
+# Latent diffusion, Rombach et al. 2022 (latent-diffusion model-zoo configs; Stable Diffusion's
+# v1-inference.yaml). The UNet sections are the configs' unet_config kwargs, converted by the one converter of the
+# originals' kwargs; `minildm.build_model` builds the UNet, `latent.build` the whole model (first stage:
+# latent.first_stage; conditioner: latent.conditioner). LDM's "linear" betas are linear in sqrt(beta) (minildm's
+# "scaled_linear"). Learning rates are the configs' base_learning_rate: LDM's main.py multiplies it by
+# batch size x GPUs x gradient accumulation (--scale_lr, on by default).
+
+def _ldm(name, summary, params, unet_kwargs, first_stage, scale_factor, beta_end, data, batch, lr, result,
+         checkpoint, beta_start=0.0015, latent=None, ema=0.9999):
+    from minildm.config import LatentConfig
+    from minildm.unet import config_from_original
+
+    return register(Preset(
+        name=name,
+        summary=summary,
+        source="Rombach et al. 2022; " + checkpoint.split(" ")[0],
+        params=params,
+        result=result,
+        checkpoint=checkpoint,
+        config=Config(
+            unet=config_from_original(unet_kwargs),
+            latent=LatentConfig(first_stage=first_stage, scale_factor=scale_factor, **(latent or {})),
+            diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="scaled_linear", beta_start=beta_start,
+                                      beta_end=beta_end),
+            data=data,
+            train=TrainConfig(batch_size=batch, lr=lr, warmup_steps=0, grad_clip=0.0, ema_decay=ema,
+                              max_steps=1_000_000, out_dir=f"runs/{name}"),
+            sample=SampleConfig(sampler="ddim", timestep_respacing="ddim50", clip_denoised=False),
+        ),
+    ))
+
+
+_ldm("ldm-celebahq256", "LDM-VQ-4 on CelebA-HQ 256: 64x64x3 VQ-f4 latents, ch 224, mult 1,2,3,4, attention at "
+     "32,16,8 (32 ch/head), unconditional", 274_056_163,
+     dict(image_size=64, in_channels=3, out_channels=3, model_channels=224, attention_resolutions=[8, 4, 2],
+          num_res_blocks=2, channel_mult=[1, 2, 3, 4], num_head_channels=32),
+     "ae-vq-f4", 1.0, 0.0195, DataConfig(dataset="imagefolder", image_size=256, random_flip=True), 48, 2e-6,
+     "FID 5.11 (Tab. 1, 500 DDIM steps)", "models/ldm/celeba256/config.yaml (celeba.zip)")
+_ldm("ldm-lsun-churches256", "LDM-KL-8 on LSUN-churches 256: 32x32x4 KL-f8 latents, ch 192, mult 1,2,2,4,4, "
+     "attention at every level (8 heads), scale-shift norm, resblock up/down, unconditional; LDM trains it with an "
+     "L1 loss (minildm: L2) and scale_by_std (the checkpoint's scale_factor replaces 1.0 on load)", 294_966_916,
+     dict(image_size=32, in_channels=4, out_channels=4, model_channels=192, attention_resolutions=[1, 2, 4, 8],
+          num_res_blocks=2, channel_mult=[1, 2, 2, 4, 4], num_heads=8, use_scale_shift_norm=True,
+          resblock_updown=True),
+     "ae-kl-f8", 1.0, 0.0155, DataConfig(dataset="imagefolder", image_size=256, random_flip=True), 96, 5e-5,
+     "FID 4.02 (Tab. 1, 200 DDIM steps, eta 0)", "models/ldm/lsun_churches256/config.yaml (lsun_churches.zip)")
+_ldm("ldm-cin256-v2", "Class-conditional LDM-VQ-4 on ImageNet 256 (cin256-v2): 64x64x3 VQ-f4 latents, ch 192, "
+     "mult 1,2,3,5, SpatialTransformer at sides 32,16,8 (1 head), context: ClassEmbedder 1001 x 512 "
+     "(index 1000 the null class, classifier-free guidance)", 400_920_579,
+     dict(image_size=64, in_channels=3, out_channels=3, model_channels=192, attention_resolutions=[8, 4, 2],
+          num_res_blocks=2, channel_mult=[1, 2, 3, 5], num_heads=1, use_spatial_transformer=True,
+          transformer_depth=1, context_dim=512),
+     "ae-vq-f4", 1.0, 0.0195, DataConfig(dataset="imagefolder", image_size=256, random_flip=True), 64, 1e-4,
+     "FID 3.60, IS 247.67 with classifier-free scale 1.5 (Tab. 3, 250 DDIM steps)",
+     "configs/latent-diffusion/cin256-v2.yaml (cin256-v2 model.ckpt)",
+     latent=dict(conditioner="class", cond_vocab=1001, cond_length=1), ema=0.0)
+_ldm("sd-v1", "Stable Diffusion v1: 64x64x4 KL-f8 latents of 512x512 images, ch 320, mult 1,2,4,4, "
+     "SpatialTransformer at sides 64,32,16 (8 heads), context: frozen CLIP ViT-L/14 text encoder (77 x 768, "
+     "123,060,480 parameters), scale factor 0.18215", 859_520_964,
+     dict(image_size=64, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+          num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+          transformer_depth=1, context_dim=768, legacy=False),
+     "ae-kl-f8", 0.18215, 0.012, DataConfig(dataset="imagefolder", image_size=512, random_flip=False), 2048, 1e-4,
+     "text-to-image at 512x512; FID and CLIP scores in the v1 model card (guidance 1.5-8, 50 PLMS steps)",
+     "configs/stable-diffusion/v1-inference.yaml (sd-v1-*.ckpt)", beta_start=0.00085,
+     latent=dict(conditioner="clip", cond_length=77))
+
+# Latent diffusion in small (chapter 06): 32x32 shapes through the shipped KL-f4 autoencoder of chapter 05
+# (8x8x3 latents, its stored scale factor), a UNet of LDM's design (SpatialTransformer at both levels, cross-attention
+# on the context) and LDM's process for f=4 models (sqrt-linear betas 0.0015..0.0195). The recipe is the shipped
+# pixel models' (lr 1e-3, warm-up, cosine decay, EMA 0.999, Min-SNR-5), at batch 32; 10% condition dropout for
+# classifier-free guidance. The conditioner's vocabulary is set from the data by experiments.latent.
+
+_SHAPES_LDM_UNET = UNetConfig(image_size=8, in_channels=3, out_channels=3, channels=64, channel_mult=(1, 2),
+                              num_res_blocks=1, attention_resolutions=(8, 4), dropout=0.0, num_head_channels=32,
+                              norm_groups=16, context_dim=64)
+
+
+def _shapes_ldm(name, summary, latent, data):
+    from minildm.config import LatentConfig
+
+    return register(Preset(
+        name=name,
+        summary=summary,
+        config=Config(
+            unet=copy.deepcopy(_SHAPES_LDM_UNET),
+            latent=LatentConfig(first_stage="data/checkpoints/ae-kl-f4-shapes.safetensors", scale_factor=0.0,
+                                **latent),
+            diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
+                                      beta_end=0.0195, snr_gamma=5.0),
+            data=data,
+            train=TrainConfig(batch_size=32, lr=1e-3, warmup_steps=200, max_steps=4000, lr_schedule="cosine",
+                              lr_decay_steps=1500, ema_decay=0.999, cond_dropout=0.1, sample_every=0, save_every=500,
+                              log_every=50, out_dir=f"runs/{name}"),
+            sample=SampleConfig(sampler="ddim", clip_denoised=False),
+        ),
+    ))
+
+
+_shapes_ldm("ldm-shapes-class", "class-conditional latent diffusion on 32x32 shapes: KL-f4 latents 8x8x3, UNet ch 64 "
+            "with cross-attention on one class token (5 kinds + the null class) (chapter 06)",
+            dict(conditioner="class", cond_vocab=6, cond_length=1), DataConfig(dataset="shapes", image_size=32,
+                                                                                random_flip=False, num_samples=20_000))
+_shapes_ldm("ldm-shapes-text", "text-to-image latent diffusion on 32x32 shapes: captions ('a large red circle on the "
+            "left') through a word tokenizer and LDM's transformer text encoder (2 layers, width 64) trained with "
+            "the UNet; KL-f4 latents 8x8x3 (chapter 06)",
+            dict(conditioner="text", cond_vocab=26, cond_length=8, cond_layers=2),
+            DataConfig(dataset="shapes", image_size=32, random_flip=False, num_samples=20_000))

@@ -505,8 +505,10 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
         classes, classes_key = _label_count(config)
         conditional = classes > 0
         if own_model:  # labels pass through as y when the data has them (an unlabelled item reads -1)
-            conditional = int(dataset[0][1]) >= 0
-        check_examples(config, *dataset[0], conditional=conditional, own_model=own_model)
+            label = dataset[0][1]
+            conditional = (torch.is_tensor(label) and label.ndim > 0) or int(label) >= 0  # token ids [L] too
+        check_examples(config, *dataset[0], conditional=conditional, own_model=own_model,
+                       pixels=not getattr(model, "trains_on_latents", False))
         dataset_classes = getattr(dataset, "num_classes", None)
         if conditional and not own_model and dataset_classes is not None and dataset_classes > classes:
             raise ValueError(f"the dataset has {dataset_classes} classes but {classes_key}={classes}; "
@@ -552,9 +554,10 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
             noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=noise_generator, device=device)
             noise = noise[env.rank::env.world_size]
             if conditional:
-                if cfg.cond_dropout > 0:  # classifier-free guidance: some labels become the null class
+                if cfg.cond_dropout > 0:  # classifier-free guidance: some conditions become the null one
                     drop = torch.rand(cfg.batch_size, generator=t_generator)[env.rank::env.world_size]
-                    y = torch.where(drop < cfg.cond_dropout, config.unet.num_classes, y)
+                    null = model.null(len(y)) if hasattr(model, "null") else torch.tensor(config.unet.num_classes)
+                    y = torch.where((drop < cfg.cond_dropout).view(-1, *[1] * (y.ndim - 1)), null.to(y), y)
                 y = y.to(device)
             else:
                 y = None
@@ -614,6 +617,8 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
             if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total_steps or stop.requested):
                 if env.main:
                     extra = {"world_size": env.world_size}
+                    if hasattr(model, "checkpoint_metadata"):  # what rebuilds it (latent diffusion's first stage)
+                        extra.update(model.checkpoint_metadata())
                     if done == total_steps and hasattr(objective, "final_extra"):  # e.g. the latent scale factor
                         extra.update(objective.final_extra(ema, dataset))
                     try:  # save refuses non-finite weights: the last good checkpoint stays
@@ -646,14 +651,15 @@ def _label_count(config) -> tuple[int, str]:
 
 
 def check_examples(config, example: torch.Tensor, label=None, *, conditional: bool = False,
-                   own_model: bool = False) -> None:
+                   own_model: bool = False, pixels: bool = True) -> None:
     """Reject data the model cannot train on, with what to change: shape, range [-1, 1], labels.
 
     own_model: the network is not config's (`train(model=...)`): only images ([C, H, W]) are checked, for the
-    range [-1, 1]; shape and labels are the network's and its objective's business.
+    range [-1, 1] (not when pixels=False: a latent diffusion model trains on latents of unit variance); shape
+    and labels are the network's and its objective's business.
     """
     if own_model:
-        if example.ndim == 3:
+        if example.ndim == 3 and pixels:
             _check_range(example)
         return
     if config.model in ("unet", "classifier", "autoencoder"):

@@ -7,7 +7,7 @@ import json
 def test_every_indexed_file_exists_with_its_size_and_sha256(reference_dir):
     index = json.loads((reference_dir / "index.json").read_text())
     files = index["files"]
-    assert len(files) == 53 and index["total_bytes"] == sum(entry["bytes"] for entry in files.values())
+    assert len(files) == 56 and index["total_bytes"] == sum(entry["bytes"] for entry in files.values())
     for name, entry in files.items():
         path = reference_dir / name
         assert path.is_file(), f"{name} is listed in index.json but missing"

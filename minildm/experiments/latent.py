@@ -1,0 +1,229 @@
+"""Latent diffusion in small (chapter 06): the shipped shapes LDMs, how well they follow their conditions, and the
+cost of latent against pixel space.
+
+    python -m minildm.experiments.latent ship ldm-shapes-class      # train, score, write data/checkpoints/<name>.*
+    python -m minildm.experiments.latent ship ldm-shapes-text
+    python -m minildm.experiments.latent follow ldm-shapes-text --num 500 --scales 1,2,3,5
+    python -m minildm.experiments.latent cost                       # latent vs pixel: s / training step, s / sample
+
+Caption following is read off each sample by the course's shapes evaluator (kind, colour) and by its pixels
+(position: the 3x3 cell of the object's centroid; size: its area against the small/large threshold), and compared
+with what the caption asked for. The same scoring on real images of those captions is the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import minildm
+from minildm import checkpoints, conditioning, data, latent, metrics, presets, train
+from minildm.experiments.autoencoders import training_seconds
+
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "data" / "checkpoints"
+RESULTS = Path(__file__).resolve().parents[2] / "data" / "results"
+ATTRIBUTES = ("kind", "color", "position", "size")
+
+
+def shapes_data(config, train_split: bool = True) -> data.ShapesDataset:
+    """The preset's shapes (one object per image; seed 0 for training, 1 held out)."""
+    return data.ShapesDataset(config.data.num_samples if train_split else 2000, config.data.image_size,
+                              seed=0 if train_split else 1, label="kind")
+
+
+def build_for(name: str):
+    """(config, fresh LatentDiffusion, training set) of preset `name`; the text model's tokenizer from the captions."""
+    config = presets.get(name)
+    shapes = shapes_data(config)
+    tokenizer = None
+    if config.latent.conditioner == "text":
+        tokenizer = conditioning.WordTokenizer.from_captions(shapes.captions)
+        config.latent.cond_vocab, config.latent.cond_length = tokenizer.vocab_size, tokenizer.max_length
+    torch.manual_seed(config.train.seed)
+    return config, latent.build(config, tokenizer=tokenizer), shapes
+
+
+def conditions_of(config, shapes: data.ShapesDataset):
+    """What the model is conditioned on: the kind labels [N] or the captions (a list of str)."""
+    return shapes.labels if config.latent.conditioner == "class" else shapes.captions
+
+
+def train_one(name: str, run_dir=None, max_steps=None):
+    """Train preset `name` in `run_dir` (resumes); returns (config, EMA LatentDiffusion, seconds of encoding)."""
+    config, ldm, shapes = build_for(name)
+    start = time.perf_counter()
+    z0, cond = latent.training_data(ldm, shapes.tensors()[0], conditions_of(config, shapes))
+    encode_seconds = time.perf_counter() - start
+    trained = train.train(config, dataset=(z0, cond), model=ldm, out_dir=run_dir or config.train.out_dir,
+                          max_steps=max_steps)
+    return config, trained.ema, encode_seconds
+
+
+def ship(name: str, *, run_dir=None, out=None, num: int = 500) -> dict:
+    """Train preset `name`, score its condition following and write data/checkpoints/<name>.safetensors + .json."""
+    run_dir = Path(run_dir or f"runs/{name}")
+    config, ema, encode_seconds = train_one(name, run_dir)
+    report = {"train_seconds": training_seconds(run_dir / "log.jsonl"), "encode_seconds": encode_seconds,
+              "steps": config.train.max_steps, "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "command": f"python -m minildm.experiments.latent ship {name}"}
+    report["follow"] = follow(ema, num=num, scales=(1.0, 3.0))
+    path = Path(out or CHECKPOINTS / f"{name}.safetensors")
+    checkpoints.save(path, ema, config, step=config.train.max_steps,
+                     extra={**ema.checkpoint_metadata(), "scores": report})
+    path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def load_shipped(name: str, folder=None) -> latent.LatentDiffusion:
+    return latent.load(Path(folder or CHECKPOINTS) / f"{name}.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Condition following
+
+
+def requests(num: int, seed: int = 1) -> data.ShapesDataset:
+    """`num` held-out scenes (seed 1): their captions, kinds, colours, positions and sizes are what is asked for."""
+    return data.ShapesDataset(num, 32, seed=seed, label="kind")
+
+
+def read_attributes(images: torch.Tensor, evaluator=None) -> dict[str, torch.Tensor]:
+    """What each image [N, 3, 32, 32] in [-1, 1] shows: kind and colour (the evaluator's argmax), position (0-8,
+    the 3x3 cell of the centre of the lit pixels' bounding box, row-major) and size (0 small, 1 large: the box's
+    longer side against 0.4 of the image: small objects span at most 0.39, large ones at least 0.41), all [N]."""
+    evaluator = evaluator or metrics.load_evaluator()
+    out = metrics.classify(images, evaluator)
+    lit = ((images + 1) / 2).amax(1) > 0.25  # [N, H, W]: the object (the background is black)
+    side = images.shape[-1]
+    index = torch.arange(side)
+
+    def extent(mask):  # first and last lit index along the last dim, as fractions of the side
+        first = torch.where(mask, index, side).amin(-1)
+        last = torch.where(mask, index, -1).amax(-1)
+        return first.float() / side, (last.float() + 1) / side
+
+    x0, x1 = extent(lit.any(1))
+    y0, y1 = extent(lit.any(2))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    position = (cy * 3).long().clamp(0, 2) * 3 + (cx * 3).long().clamp(0, 2)
+    size = (torch.maximum(x1 - x0, y1 - y0) > 0.4).long()
+    return {"kind": out["kind"], "color": out["color"], "position": position, "size": size}
+
+
+def asked_attributes(scenes: data.ShapesDataset) -> dict[str, torch.Tensor]:
+    """What the captions of `scenes` ask for, in `read_attributes`' terms, all [N]."""
+    o = scenes.objects
+    cx, cy = o["cx"][:, 0], o["cy"][:, 0]
+    position = (cy * 3).long().clamp(0, 2) * 3 + (cx * 3).long().clamp(0, 2)
+    return {"kind": o["kind"][:, 0], "color": o["color"][:, 0], "position": position, "size": o["size"][:, 0]}
+
+
+def follow_scores(images: torch.Tensor, scenes: data.ShapesDataset, evaluator=None) -> dict[str, float]:
+    """Share of images whose kind, colour, position, size (and all four) are the asked ones."""
+    seen, asked = read_attributes(images, evaluator), asked_attributes(scenes)
+    hits = {key: (seen[key] == asked[key]).float() for key in ATTRIBUTES}
+    scores = {key: hit.mean().item() for key, hit in hits.items()}
+    scores["all"] = torch.stack(list(hits.values())).prod(0).mean().item()
+    return scores
+
+
+def follow(ldm: latent.LatentDiffusion, *, num: int = 500, scales=(1.0, 3.0), steps: int = 25, seed: int = 0,
+           sampler: str = "ddim") -> dict:
+    """Condition following at each guidance scale: N samples for N held-out captions (or their kinds), scored."""
+    scenes = requests(num)
+    evaluator = metrics.load_evaluator()
+    conditions = scenes.labels if ldm.config.latent.conditioner == "class" else scenes.captions
+    report = {"num": num, "steps": steps, "sampler": sampler, "seed": seed,
+              "real": follow_scores(scenes.tensors()[0], scenes, evaluator), "scales": {}}
+    for scale in scales:
+        start = time.perf_counter()
+        images = latent.sample(ldm, minildm.build_diffusion(ldm.config), conditions, sampler=sampler, steps=steps,
+                               guidance_scale=scale, seed=seed, batch_size=250)
+        scores = follow_scores(images, scenes, evaluator)
+        scores["seconds"] = time.perf_counter() - start
+        report["scales"][f"{scale:g}"] = scores
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent against pixel space
+
+
+def cost(*, batch: int = 32, samples: int = 64, steps: int = 25, repeats: int = 5) -> dict:
+    """Seconds per training step (batch `batch`) and per sample (DDIM `steps`) of the shapes LDM against the shipped
+    pixel-space UNet, measured side by side in this process (one thread): the ratio is what latent space buys."""
+    torch.manual_seed(0)
+    config, ldm, _ = build_for("ldm-shapes-class")
+    pixel_config = presets.get("ddpm-shapes-cond")
+    pixel = minildm.build_model(pixel_config)
+    y = torch.randint(0, 5, (batch,))
+    report = {"batch": batch, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    for label, model, shape in (("latent", ldm, (3, 8, 8)), ("pixel", pixel, (3, 32, 32))):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        x, t = torch.randn(batch, *shape), torch.randint(0, 1000, (batch,))
+        times = []
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            loss = (model(x, t, y=y) - x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        model.eval()
+        diffusion = minildm.build_diffusion(config if label == "latent" else pixel_config)
+        start = time.perf_counter()
+        with torch.no_grad():
+            if label == "latent":
+                latent.sample(ldm, diffusion, torch.arange(samples) % 5, steps=steps)
+            else:
+                train.generate(pixel, diffusion, pixel_config, samples, steps=steps, y=torch.arange(samples) % 5)
+        sample_seconds = (time.perf_counter() - start) / samples
+        report[label] = {"params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                         "step_seconds": sorted(times[2:])[len(times[2:]) // 2], "sample_seconds": sample_seconds,
+                         "values_per_image": math.prod(shape)}
+    report["step_ratio"] = report["pixel"]["step_seconds"] / report["latent"]["step_seconds"]
+    report["sample_ratio"] = report["pixel"]["sample_seconds"] / report["latent"]["sample_seconds"]
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minildm.experiments.latent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    ship_parser = commands.add_parser("ship", help="train a shapes LDM preset, score it, write data/checkpoints")
+    ship_parser.add_argument("name")
+    ship_parser.add_argument("--num", type=int, default=500)
+    follow_parser = commands.add_parser("follow", help="condition following of a shipped model against the scale")
+    follow_parser.add_argument("name")
+    follow_parser.add_argument("--num", type=int, default=500)
+    follow_parser.add_argument("--scales", default="1,2,3,5")
+    follow_parser.add_argument("--sampler", default="ddim")
+    follow_parser.add_argument("--out")
+    cost_parser = commands.add_parser("cost", help="latent vs pixel: seconds per training step and per sample")
+    cost_parser.add_argument("--out", default=str(RESULTS / "ldm_cost.json"))
+    args = parser.parse_args(argv)
+    if args.command == "ship":
+        print(json.dumps(ship(args.name, num=args.num), indent=2))
+    elif args.command == "follow":
+        scales = [float(s) for s in args.scales.split(",")]
+        report = follow(load_shipped(args.name), num=args.num, scales=scales, sampler=args.sampler)
+        report["command"] = "python -m minildm.experiments.latent " + " ".join(sys.argv[1:] if argv is None else argv)
+        out = Path(args.out or RESULTS / f"{args.name}_follow_{args.sampler}.json")
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+    else:
+        report = cost()
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
