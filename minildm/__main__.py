@@ -9,6 +9,7 @@
     python -m minildm sample adm-imagenet64 --steps 25           # an official checkpoint, downloaded once
     python -m minildm sample ddpm-shapes.safetensors --classifier shapes-classifier.safetensors --classifier-scale 4
     python -m minildm sample ddpm-shapes-cond.safetensors --guidance-scale 3   # classifier-free guidance
+    python -m minildm sample ldm-shapes-text.safetensors --prompt "a large red circle on the left" --sampler plms
     python -m minildm bpd runs/toy-shapes/checkpoint.safetensors --num 64
 """
 
@@ -115,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
                                         "name of a preset with an official checkpoint, downloaded on first use).")
     p.add_argument("checkpoint", help="checkpoint file, or a preset name such as adm-imagenet64")
     p.add_argument("--num", type=_positive, default=16, help="number of samples (default 16)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="DDIM or ancestral DDPM (default ddim)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "plms"), default="ddim",
+                   help="DDIM, ancestral DDPM or LDM's PLMS (latent diffusion checkpoints; default ddim)")
     p.add_argument("--steps", type=_positive, default=50, help="sampling steps, respaced evenly over T (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
@@ -126,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance w for class-conditional models trained with a null class: "
                         "eps_null + w (eps_class - eps_null); 1 = no guidance (default), 0 = unconditional")
+    p.add_argument("--prompt", help="caption for a text-conditional latent diffusion checkpoint (every sample)")
     p.add_argument("--classifier", help="checkpoint of a noise-aware classifier (model=classifier) for classifier "
                                         "guidance, or a preset name such as adm-classifier64")
     p.add_argument("--classifier-scale", type=float, default=1.0,
@@ -221,8 +224,13 @@ def _load(args, checkpoint=None):
 
 def _sample(args) -> int:
     import minildm
-    from minildm import progress, train
+    from minildm import checkpoints, progress, train
 
+    if Path(args.checkpoint).is_file() and "latent" in checkpoints.read_metadata(args.checkpoint)["extra"]:
+        return _sample_latent(args)
+    if args.sampler == "plms" or args.prompt is not None:
+        raise ValueError("--sampler plms and --prompt are for latent diffusion checkpoints (experiments.latent); "
+                         f"{args.checkpoint} is not one")
     model, config = _load(args)
     if config.unet.super_res and config.model == "unet":
         raise ValueError("super-resolution models need low-resolution inputs; sample them from Python "
@@ -248,6 +256,41 @@ def _sample(args) -> int:
                              steps=args.steps, eta=args.eta, seed=args.seed, y=y, progress_bar=progress.enabled(),
                              guidance_scale=args.guidance_scale, classifier=classifier,
                              classifier_scale=args.classifier_scale if classifier is not None else 0.0)
+    path = train.save_grid(samples, args.out)
+    print(f"wrote {len(samples)} samples to {path}")
+    return 0
+
+
+def _sample_latent(args) -> int:
+    """Sample a latent diffusion checkpoint: --prompt (text), --class (class labels) or nothing (unconditional)."""
+    import torch
+
+    import minildm
+    from minildm import latent, progress, train
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ldm = latent.load(args.checkpoint, device=device, ema=args.ema)
+    kind = ldm.config.latent.conditioner
+    if args.classifier:
+        raise ValueError("--classifier: latent diffusion checkpoints are guided without a classifier; use "
+                         "--guidance-scale")
+    if kind == "text":
+        if args.prompt is None:
+            raise ValueError("this checkpoint draws captions: give --prompt 'a large red circle on the left'")
+        conditions = [args.prompt] * args.num
+    elif kind == "class":
+        classes = ldm.config.latent.cond_vocab - 1  # the last class is the null class
+        if args.label is not None and not 0 <= args.label < classes:
+            raise ValueError(f"--class {args.label}: this model has classes 0 .. {classes - 1}")
+        conditions = torch.full((args.num,), args.label) if args.label is not None else torch.arange(args.num) % classes
+    elif kind == "none":
+        conditions = None
+    else:
+        raise ValueError(f"sampling a latent.conditioner={kind!r} checkpoint needs its conditions (boxes, ...): use "
+                         "minildm.latent.sample from Python")
+    samples = latent.sample(ldm, minildm.build_diffusion(ldm.config), conditions, num=args.num, sampler=args.sampler,
+                            steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                            progress=progress.enabled())
     path = train.save_grid(samples, args.out)
     print(f"wrote {len(samples)} samples to {path}")
     return 0

@@ -124,6 +124,18 @@ class CrossAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # default scale dim_head^-1/2, softmax over the keys
         return self.to_out(out.transpose(1, 2).reshape(n, -1, self.heads * self.dim_head))
 
+    def attention_weights(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights forward applies, softmax(q k^T / sqrt(dim_head)) over the keys: [N, heads, T, L].
+
+        Row (h, i) says how much query position i (a pixel of the feature map) reads from each context token
+        in head h: the cross-attention maps of chapter 06. forward does not materialise them (fused kernel).
+        """
+        context = x if context is None else context
+        n = x.shape[0]
+        q = self.to_q(x).view(n, -1, self.heads, self.dim_head).transpose(1, 2)
+        k = self.to_k(context).view(n, -1, self.heads, self.dim_head).transpose(1, 2)
+        return torch.softmax(q @ k.transpose(-1, -2) * self.dim_head**-0.5, dim=-1)
+
 
 class GEGLU(nn.Module):
     """proj(x) split into a value half and a gate half (value first): value * GELU(gate) (Shazeer 2020)."""

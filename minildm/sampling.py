@@ -183,14 +183,16 @@ def ddim_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, tim
                 generator: torch.Generator | None = None, noise: Sequence[torch.Tensor | None] | None = None,
                 callback: Callback | None = None, progress: bool = True, device=None,
                 cond_fn: CondFn | None = None, x0: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, final_t_prev: int = -1) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021, Eq. 12) over `timesteps`, e.g. `space_timesteps(T, "ddim50")`.
 
     Arguments as in `ddpm_sample`; eta = 0 is deterministic given x_T. cond_fn: guidance on eps (`ddim_step`).
     x0, mask: inpainting (`ddpm_sample`; LDM's DDIMSampler re-imposes the known region the same way).
+    final_t_prev: where the last step goes: -1 (x0, alpha_bar = 1), or 0 (alpha_bar_0) as LDM's DDIMSampler
+    does on its timesteps 1, 21, ..., 981 (`schedules.ldm_ddim_timesteps`), as in `plms_sample`.
     """
     x = _initial(model, shape_or_x_T, generator, device)
-    steps = _pairs(timesteps, diffusion.num_timesteps)
+    steps = _pairs(timesteps, diffusion.num_timesteps, final_t_prev)
     _check_noise(noise, len(steps))
     _check_inpainting(x, x0, mask)
     for i, (t, t_prev, _) in enumerate(progress_bar(steps, disable=not progress, desc=f"DDIM eta={eta:g}")):

@@ -237,3 +237,42 @@ def test_stable_diffusion_preset_settings():
                                                                                                    "clip")
     assert (config.diffusion.beta_start, config.diffusion.beta_end, config.unet.context_dim) == (0.00085, 0.012, 768)
     assert presets.info("ae-kl-f8").params == 83_653_863
+
+
+def tiny_text_ldm():
+    from minildm import conditioning
+
+    captions = ["a red circle", "a blue square on the left", "a green cross"]
+    tokenizer = conditioning.WordTokenizer.from_captions(captions)
+    torch.manual_seed(0)
+    config = tiny_config("text", cond_vocab=tokenizer.vocab_size, cond_length=tokenizer.max_length, cond_layers=1)
+    return latent.build(config, first_stage=tiny_autoencoder(), tokenizer=tokenizer), captions
+
+
+def test_captions_are_tokenized_and_the_empty_caption_is_the_null_condition():
+    ldm, captions = tiny_text_ldm()
+    z0, tokens = latent.training_data(ldm, torch.rand(3, 3, 16, 16) * 2 - 1, captions)
+    assert z0.shape == (3, 2, 8, 8) and tokens.shape == (3, ldm.tokenizer.max_length)
+    torch.testing.assert_close(tokens, ldm.tokenizer.encode(captions))
+    torch.testing.assert_close(ldm.null(2), ldm.tokenizer.encode(["", ""]))
+    assert ldm.cond_stage_model(tokens).shape == (3, ldm.tokenizer.max_length, 8)
+    config = tiny_config("text", cond_vocab=99, cond_length=ldm.tokenizer.max_length, cond_layers=1)
+    with pytest.raises(ConfigError, match=f"latent.cond_vocab=99 but the tokenizer has {ldm.tokenizer.vocab_size}"):
+        latent.build(config, first_stage=tiny_autoencoder(), tokenizer=ldm.tokenizer)
+
+
+def test_the_command_line_samples_latent_checkpoints(tmp_path):
+    from minildm.__main__ import main
+
+    ldm, captions = tiny_text_ldm()
+    z0, tokens = latent.training_data(ldm, torch.rand(3, 3, 16, 16) * 2 - 1, captions)
+    config = ldm.config
+    config.train.save_every, config.train.cond_dropout, config.train.batch_size = 1, 0.5, 3
+    train.train(config, dataset=(z0, tokens), model=ldm, out_dir=tmp_path, verbose=False, max_steps=1)
+    checkpoint = str(tmp_path / train.CHECKPOINT)
+    assert latent.load(checkpoint).tokenizer.to_dict() == ldm.tokenizer.to_dict()
+    out = tmp_path / "grid.png"
+    assert main(["sample", checkpoint, "--prompt", "a red square", "--num", "2", "--steps", "3", "--sampler", "plms",
+                 "--guidance-scale", "2", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["sample", checkpoint, "--num", "2", "--steps", "2", "--out", str(out)]) == 2  # no prompt

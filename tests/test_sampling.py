@@ -529,3 +529,18 @@ def test_plms_inpainting_and_bad_arguments():
         sampling.plms_sample(zero, diff, x_T, [0, 10, 10], progress=False)
     with pytest.raises(ValueError, match=r"model_output has shape \(2, 6, 8, 8\)"):
         sampling.plms_sample(lambda x_t, t: torch.cat([x_t, x_t], dim=1), diff, x_T, timesteps, progress=False)
+
+
+def test_ddim_sample_can_end_at_alpha_bar_zero_as_ldms_ddim_sampler():
+    """final_t_prev=0: the last step goes to alpha_bar_0 (LDM's ddim_alphas_prev[0]), not to x0."""
+    diffusion = make("scaled_linear", 1000)
+    timesteps = schedules.ldm_ddim_timesteps(1000, 10)
+    model = lambda x, t, **kwargs: torch.tanh(x) * 0.5  # noqa: E731
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = x_T
+    for t, t_prev in zip(timesteps[::-1], [*timesteps[::-1][1:], 0]):
+        x = sampling.ddim_step(model, diffusion, x, int(t), int(t_prev), clip_denoised=False)[0]
+    ldm_like = sampling.ddim_sample(model, diffusion, x_T, timesteps, clip_denoised=False, final_t_prev=0, progress=False)
+    torch.testing.assert_close(ldm_like, x)
+    to_x0 = sampling.ddim_sample(model, diffusion, x_T, timesteps, clip_denoised=False, progress=False)
+    assert not torch.allclose(to_x0, ldm_like)

@@ -53,6 +53,7 @@ def test_cross_attention_is_softmax_of_queries_against_the_context():
     weights = torch.softmax(q @ k.transpose(-1, -2) * 4**-0.5, dim=-1)  # over the 7 context tokens
     expected = layer.to_out((weights @ v).transpose(1, 2).reshape(3, 5, 8))
     torch.testing.assert_close(layer(x, context), expected)
+    torch.testing.assert_close(layer.attention_weights(x, context), weights)  # the maps chapter 06 draws
     self_attention = attention.CrossAttention(8, heads=2, dim_head=4)  # no context: attends over x itself
     torch.testing.assert_close(self_attention(x), self_attention(x, x))
     assert layer.to_q.bias is None and layer.to_k.bias is None and layer.to_v.bias is None
