@@ -197,6 +197,7 @@ class DataConfig:
     num_workers: int = 0
     toy: str = "moons"  # 2-D toy distribution, used when dataset == "toy2d"
     num_samples: int = 10_000  # size of the procedural datasets (shapes, toy2d)
+    max_objects: int = 1  # shapes: 1..max_objects objects per image (more than one: small ones, in distinct cells)
     path: str = ""  # folder of images for dataset == "imagefolder"
 
 
@@ -432,6 +433,8 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
     count("data.image_size", a.image_size)
     count("data.num_workers", a.num_workers, 0)
     count("data.num_samples", a.num_samples)
+    need(isinstance(a.max_objects, int) and 1 <= a.max_objects <= 9, "data.max_objects", a.max_objects,
+         "must be an integer in [1, 9] (objects take distinct cells of a 3x3 grid)")
     choice("data.toy", a.toy, data.TOY_2D)
 
     l = config.latent

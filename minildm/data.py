@@ -421,7 +421,8 @@ def build_dataset(config, train: bool = True) -> Dataset:
     """
     name, root = config.dataset, config.root
     if name == "shapes":
-        return ShapesDataset(config.num_samples, config.image_size, seed=0 if train else 1)
+        return ShapesDataset(config.num_samples, config.image_size, seed=0 if train else 1,
+                             max_objects=config.max_objects)
     if name == "toy2d":
         return Toy2DDataset(config.toy, config.num_samples, seed=0 if train else 1)
     if name == "cifar10":

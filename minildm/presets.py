@@ -629,3 +629,8 @@ _shapes_ldm("ldm-shapes-text", "text-to-image latent diffusion on 32x32 shapes: 
             "the UNet; KL-f4 latents 8x8x3 (chapter 06)",
             dict(conditioner="text", cond_vocab=26, cond_length=8, cond_layers=2),
             DataConfig(dataset="shapes", image_size=32, random_flip=False, num_samples=20_000))
+_shapes_ldm("ldm-shapes-layout", "layout-to-image latent diffusion on 32x32 shapes with 1-3 small objects: each box "
+            "becomes (kind, top-left, bottom-right) tokens on a 16x16 lattice (LDM's layout tokens) into LDM's "
+            "transformer encoder (2 layers, width 64); KL-f4 latents 8x8x3 (chapter 06)",
+            dict(conditioner="layout", cond_vocab=262, cond_length=9, cond_layers=2),
+            DataConfig(dataset="shapes", image_size=32, random_flip=False, num_samples=20_000, max_objects=3))

@@ -32,10 +32,13 @@ RESULTS = Path(__file__).resolve().parents[2] / "data" / "results"
 ATTRIBUTES = ("kind", "color", "position", "size")
 
 
+LAYOUT_GRID = 16  # the layout model's lattice: 16 x 16 corner positions, 2 pixels apart at 32 x 32
+
+
 def shapes_data(config, train_split: bool = True) -> data.ShapesDataset:
-    """The preset's shapes (one object per image; seed 0 for training, 1 held out)."""
+    """The preset's shapes (seed 0 for training, 1 held out), with its data.max_objects."""
     return data.ShapesDataset(config.data.num_samples if train_split else 2000, config.data.image_size,
-                              seed=0 if train_split else 1, label="kind")
+                              seed=0 if train_split else 1, label="kind", max_objects=config.data.max_objects)
 
 
 def build_for(name: str):
@@ -46,13 +49,19 @@ def build_for(name: str):
     if config.latent.conditioner == "text":
         tokenizer = conditioning.WordTokenizer.from_captions(shapes.captions)
         config.latent.cond_vocab, config.latent.cond_length = tokenizer.vocab_size, tokenizer.max_length
+    elif config.latent.conditioner == "layout":
+        tokenizer = conditioning.LayoutTokenizer(len(data.SHAPES), grid=LAYOUT_GRID, max_boxes=config.data.max_objects)
     torch.manual_seed(config.train.seed)
     return config, latent.build(config, tokenizer=tokenizer), shapes
 
 
 def conditions_of(config, shapes: data.ShapesDataset):
-    """What the model is conditioned on: the kind labels [N] or the captions (a list of str)."""
-    return shapes.labels if config.latent.conditioner == "class" else shapes.captions
+    """What the model is conditioned on: the kind labels [N], the captions (a list of str) or the layouts
+    (boxes, kinds of the boxes)."""
+    kind = config.latent.conditioner
+    if kind == "layout":
+        return shapes.boxes, shapes.box_labels
+    return shapes.labels if kind == "class" else shapes.captions
 
 
 def train_one(name: str, run_dir=None, max_steps=None):
@@ -73,7 +82,7 @@ def ship(name: str, *, run_dir=None, out=None, num: int = 500) -> dict:
     report = {"train_seconds": training_seconds(run_dir / "log.jsonl"), "encode_seconds": encode_seconds,
               "steps": config.train.max_steps, "threads": torch.get_num_threads(), "machine": platform.machine(),
               "command": f"python -m minildm.experiments.latent ship {name}"}
-    report["follow"] = follow(ema, num=num, scales=(1.0, 3.0))
+    report["follow"] = follow(ema, num=num, scales=(1.0, 3.0), max_objects=config.data.max_objects)
     path = Path(out or CHECKPOINTS / f"{name}.safetensors")
     checkpoints.save(path, ema, config, step=config.train.max_steps,
                      extra={**ema.checkpoint_metadata(), "scores": report})
@@ -89,9 +98,10 @@ def load_shipped(name: str, folder=None) -> latent.LatentDiffusion:
 # Condition following
 
 
-def requests(num: int, seed: int = 1) -> data.ShapesDataset:
-    """`num` held-out scenes (seed 1): their captions, kinds, colours, positions and sizes are what is asked for."""
-    return data.ShapesDataset(num, 32, seed=seed, label="kind")
+def requests(num: int, seed: int = 1, max_objects: int = 1) -> data.ShapesDataset:
+    """`num` held-out scenes (seed 1): their captions, kinds, colours, positions, sizes and boxes are what is
+    asked for."""
+    return data.ShapesDataset(num, 32, seed=seed, label="kind", max_objects=max_objects)
 
 
 def read_attributes(images: torch.Tensor, evaluator=None) -> dict[str, torch.Tensor]:
@@ -134,19 +144,51 @@ def follow_scores(images: torch.Tensor, scenes: data.ShapesDataset, evaluator=No
     return scores
 
 
+def box_scores(images: torch.Tensor, scenes: data.ShapesDataset, evaluator=None) -> dict[str, float]:
+    """How well images [N, 3, 32, 32] draw the layouts of `scenes`.
+
+    iou: mean IoU of the lit pixels with the union of the asked boxes (an object fills 50-80% of its box, so
+    real images score below 1: the real score is the ceiling); box_kind: share of boxes whose crop (the box and
+    a 2-pixel margin, pasted on black at its place) the evaluator reads as the asked kind; empty_outside: share
+    of images with (almost) nothing lit outside the boxes (at most 3 pixels).
+    """
+    evaluator = evaluator or metrics.load_evaluator()
+    n, side = images.shape[0], images.shape[-1]
+    lit = ((images + 1) / 2).amax(1) > 0.25
+    inside = torch.zeros(n, side, side, dtype=torch.bool)
+    crops, kinds = [], []
+    for i in range(n):
+        for box, kind in zip(scenes.boxes[i], scenes.box_labels[i]):
+            x0, y0 = (box[:2] * side).floor().long().clamp(0, side)
+            x1, y1 = (box[2:] * side).ceil().long().clamp(0, side)
+            inside[i, y0:y1, x0:x1] = True
+            a0, b0 = max(int(x0) - 2, 0), max(int(y0) - 2, 0)
+            a1, b1 = min(int(x1) + 2, side), min(int(y1) + 2, side)
+            crop = torch.full_like(images[i], -1)
+            crop[:, b0:b1, a0:a1] = images[i, :, b0:b1, a0:a1]
+            crops.append(crop)
+            kinds.append(int(kind))
+    iou = (lit & inside).sum((1, 2)).float() / (lit | inside).sum((1, 2)).clamp_min(1)
+    read = metrics.classify(torch.stack(crops), evaluator)["kind"]
+    return {"iou": iou.mean().item(), "box_kind": (read == torch.tensor(kinds)).float().mean().item(),
+            "empty_outside": ((lit & ~inside).sum((1, 2)) <= 3).float().mean().item()}
+
+
 def follow(ldm: latent.LatentDiffusion, *, num: int = 500, scales=(1.0, 3.0), steps: int = 25, seed: int = 0,
-           sampler: str = "ddim") -> dict:
-    """Condition following at each guidance scale: N samples for N held-out captions (or their kinds), scored."""
-    scenes = requests(num)
+           sampler: str = "ddim", max_objects: int = 1) -> dict:
+    """Condition following at each guidance scale: N samples for N held-out captions (kinds, layouts), scored
+    (`follow_scores`; layouts: `box_scores`)."""
+    scenes = requests(num, max_objects=max_objects)
     evaluator = metrics.load_evaluator()
-    conditions = scenes.labels if ldm.config.latent.conditioner == "class" else scenes.captions
+    conditions = conditions_of(ldm.config, scenes)
+    score = box_scores if ldm.config.latent.conditioner == "layout" else follow_scores
     report = {"num": num, "steps": steps, "sampler": sampler, "seed": seed,
-              "real": follow_scores(scenes.tensors()[0], scenes, evaluator), "scales": {}}
+              "real": score(scenes.tensors()[0], scenes, evaluator), "scales": {}}
     for scale in scales:
         start = time.perf_counter()
         images = latent.sample(ldm, minildm.build_diffusion(ldm.config), conditions, sampler=sampler, steps=steps,
                                guidance_scale=scale, seed=seed, batch_size=250)
-        scores = follow_scores(images, scenes, evaluator)
+        scores = score(images, scenes, evaluator)
         scores["seconds"] = time.perf_counter() - start
         report["scales"][f"{scale:g}"] = scores
     return report
@@ -213,7 +255,9 @@ def main(argv=None) -> int:
         print(json.dumps(ship(args.name, num=args.num), indent=2))
     elif args.command == "follow":
         scales = [float(s) for s in args.scales.split(",")]
-        report = follow(load_shipped(args.name), num=args.num, scales=scales, sampler=args.sampler)
+        ldm = load_shipped(args.name)
+        report = follow(ldm, num=args.num, scales=scales, sampler=args.sampler,
+                        max_objects=ldm.config.data.max_objects)
         report["command"] = "python -m minildm.experiments.latent " + " ".join(sys.argv[1:] if argv is None else argv)
         out = Path(args.out or RESULTS / f"{args.name}_follow_{args.sampler}.json")
         out.write_text(json.dumps(report, indent=2) + "\n")
