@@ -713,3 +713,177 @@ def check_scale_factor(scale_factor) -> None:
                        (1.0 / latents.flatten().var(), "1 / variance: the scaled latents would have variance 1/var"),
                        (1.0 / latents.std(dim=(0, 2, 3)), "LDM uses one factor for all channels, not one each")],
              rtol=1e-4, atol=1e-6, broadcast=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 06: latent diffusion
+
+
+def _split_heads_06(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[N, tokens, heads * dim_head] -> [N, heads, tokens, dim_head]: head h holds channels h*dim_head onwards."""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def _merge_heads_06(out: torch.Tensor) -> torch.Tensor:
+    """[N, heads, T, dim_head] -> [N, T, heads * dim_head], head 0's channels first."""
+    return out.transpose(1, 2).flatten(2)
+
+
+@_exercise("Exercise 1 (cross_attention)")
+def check_cross_attention(cross_attention) -> None:
+    """cross_attention(x, context, w_q, w_k, w_v, heads) -> [N, T, heads * dim_head]: multi-head attention of the
+    queries x [N, T, D] over the context tokens [N, L, Dc], before the output projection.
+
+    w_q [inner, D], w_k and w_v [inner, Dc] are nn.Linear weights without bias (q = x @ w_q.T), inner =
+    heads * dim_head; head h uses channels h*dim_head to (h+1)*dim_head - 1 of q, k and v; each query's weights
+    are softmax(q k^T / sqrt(dim_head)) over the L context tokens; the heads' outputs are concatenated in head
+    order. Compared with `attention.CrossAttention` holding the same weights (its to_out left out), on random
+    float64 inputs with 2 to 4 heads and T != L.
+    """
+    from minildm import attention
+
+    # (N, T, L, D, Dc, heads, dim_head): T != L and D != Dc, so that mixed-up axes cannot agree by accident
+    for seed, (n, T, L, D, Dc, heads, dim_head) in enumerate([(2, 6, 4, 8, 5, 2, 3), (1, 9, 7, 12, 10, 4, 5),
+                                                              (3, 5, 11, 6, 16, 3, 4)]):
+        generator = torch.Generator().manual_seed(600 + seed)
+        x = torch.randn(n, T, D, generator=generator, dtype=torch.float64)
+        context = torch.randn(n, L, Dc, generator=generator, dtype=torch.float64)
+        module = attention.CrossAttention(D, Dc, heads=heads, dim_head=dim_head).double()
+        inner = heads * dim_head
+        with torch.no_grad():
+            for layer, fan_in in ((module.to_q, D), (module.to_k, Dc), (module.to_v, Dc)):
+                layer.weight.copy_(torch.randn(inner, fan_in, generator=generator, dtype=torch.float64))
+            module.to_out = torch.nn.Identity()  # the heads concatenated, before the output projection
+            w_q, w_k, w_v = (layer.weight.clone() for layer in (module.to_q, module.to_k, module.to_v))
+            expected = module(x, context)
+            mine = cross_attention(x.clone(), context.clone(), w_q.clone(), w_k.clone(), w_v.clone(), heads)
+
+            # typical mistakes, for the hints
+            q, k, v = x @ w_q.T, context @ w_k.T, context @ w_v.T
+            qh, kh, vh = (_split_heads_06(t, heads) for t in (q, k, v))
+            scores = qh @ kh.transpose(-1, -2)  # [N, heads, T, L]
+            qi, ki, vi = (t.reshape(n, t.shape[1], dim_head, heads).permute(0, 3, 1, 2) for t in (q, k, v))
+            mistakes = [
+                (_merge_heads_06(torch.softmax(scores * dim_head**-0.5, dim=-2) @ vh),
+                 "the softmax runs over the context tokens (the last axis of q k^T): each query's weights sum to 1"),
+                (_merge_heads_06(torch.softmax(scores * inner**-0.5, dim=-1) @ vh),
+                 "each head scales its scores by 1 / sqrt(dim_head), the width of *one* head, not of all heads"),
+                (_merge_heads_06(torch.softmax(scores, dim=-1) @ vh),
+                 "scale the scores by 1 / sqrt(dim_head) before the softmax"),
+                ((torch.softmax(scores * dim_head**-0.5, dim=-1) @ vh).reshape(n, T, inner),
+                 "put the tokens axis back in front of the heads before merging: [N, heads, T, d] -> [N, T, heads, d]"),
+                (_merge_heads_06(torch.softmax(qi @ ki.transpose(-1, -2) * dim_head**-0.5, dim=-1) @ vi),
+                 "head h is the contiguous block of channels h*dim_head ... (h+1)*dim_head - 1: reshape the last "
+                 "axis to (heads, dim_head), in that order"),
+                (_merge_heads_06(torch.softmax(q.reshape(n, heads, T, dim_head) @ k.reshape(n, heads, L, dim_head)
+                                               .transpose(-1, -2) * dim_head**-0.5, dim=-1)
+                                 @ v.reshape(n, heads, L, dim_head)),
+                 "the heads split the channels (the last axis), not the tokens: reshape to [N, tokens, heads, "
+                 "dim_head], then move the heads axis forward"),
+                (torch.softmax(q @ k.transpose(-1, -2) * dim_head**-0.5, dim=-1) @ v,
+                 "split q, k and v into `heads` heads and attend in each head separately"),
+            ]
+        _compare(mine, expected, f"cross_attention(x [{n}, {T}, {D}], context [{n}, {L}, {Dc}], w_q, w_k, w_v, "
+                 f"heads={heads}) with dim_head={dim_head}",
+                 "LDM Sec. 3.3: in each head softmax(q k^T / sqrt(dim_head)) v, q from x, k and v from the context; "
+                 "then the heads side by side", mistakes=mistakes)
+
+
+@_exercise("Exercise 2 (layout_tokens)")
+def check_layout_tokens(layout_tokens) -> None:
+    """layout_tokens(box, label, grid, num_classes) -> (class_token, top_left_token, bottom_right_token), three
+    ints: the token triple `conditioning.LayoutTokenizer` writes for ONE box.
+
+    box: float64 tensor [4], (x0, y0, x1, y1) in [0, 1], image coordinates (y down), x1 >= x0 and y1 >= y0;
+    label: an int in [0, num_classes); grid: the side of the lattice of corner positions. Vocabulary: 0 is
+    <pad>, then the grid * grid lattice points, then the num_classes classes. Compared with
+    `LayoutTokenizer(num_classes, grid=grid, max_boxes=1).encode(...)` for random boxes on four grids.
+    """
+    from minildm import conditioning
+
+    generator = torch.Generator().manual_seed(610)
+    for grid, num_classes in [(16, 10), (5, 3), (8, 7), (90, 600)]:
+        tokenizer = conditioning.LayoutTokenizer(num_classes, grid=grid, max_boxes=1)
+        corners = torch.rand(6, 2, 2, generator=generator, dtype=torch.float64).sort(dim=1).values  # [k, 2, (x, y)]
+        boxes = torch.cat([corners.reshape(6, 4), torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)])
+        labels = torch.randint(num_classes, (len(boxes),), generator=generator)
+        for box, label in zip(boxes, labels):
+            expected = tokenizer.encode([box[None]], [label[None]])[0].tolist()
+            what = f"layout_tokens(box, label, grid={grid}, num_classes={num_classes})"
+            mine = _three_tokens(layout_tokens(box.clone(), int(label), grid, num_classes), what)
+            if mine != expected:
+                _layout_hint(what, mine, expected, box, int(label), grid)
+
+
+def _three_tokens(result, what: str) -> list[int]:
+    if isinstance(result, torch.Tensor):
+        result = result.reshape(-1) if result.numel() == 3 else result
+    if not isinstance(result, (tuple, list, torch.Tensor)) or len(result) != 3:
+        raise NotYet(f"{what} should return three tokens: (class_token, top_left_token, bottom_right_token)")
+    values = [_float64(value, what) for value in result]
+    if any(value.numel() != 1 or not float(value).is_integer() for value in values):
+        raise NotYet(f"{what} should return three whole numbers (token ids), got {result!r}")
+    return [int(value) for value in values]
+
+
+def _layout_hint(what: str, mine: list[int], expected: list[int], box: torch.Tensor, label: int, grid: int) -> None:
+    """Raise NotYet naming the first token of `mine` that differs and, if it is a typical mistake, why."""
+    wrong = next(i for i in range(3) if mine[i] != expected[i])
+    if wrong == 0:
+        hint = ("the class tokens come after <pad> and all grid * grid lattice tokens"
+                if mine[0] in (label, label + 1, grid * grid + label) else
+                "class c is the (c+1)-th token after <pad> and the lattice tokens")
+        raise NotYet(f"{what} gives the wrong class token. Hint: {hint}")
+    x, y = box[2 * wrong - 2].item(), box[2 * wrong - 1].item()  # the corner this token encodes
+    ix, iy = round(x * (grid - 1)), round(y * (grid - 1))
+    mistakes = [(1 + ix * grid + iy, "number the lattice points row by row, as the pixels of an image: a row is "
+                 "one value of y"),
+                (1 + math.floor(y * (grid - 1)) * grid + math.floor(x * (grid - 1)),
+                 "corners snap to the *nearest* lattice point: round, do not floor"),
+                (1 + round(y * grid) * grid + round(x * grid), "the lattice points are i / (grid - 1), so 0 and 1 "
+                 "are both on it"),
+                (iy * grid + ix, "token 0 is <pad>: the lattice tokens start at 1")]
+    hint = next((h for token, h in mistakes if mine[wrong] == token),
+                "snap the corner to the nearest lattice point (ix, iy), then number the points row by row after <pad>")
+    raise NotYet(f"{what} gives the wrong {('top-left', 'bottom-right')[wrong - 1]} token. Hint: {hint}")
+
+
+def _adams_bashforth_06(eps_now: torch.Tensor, steps_back: list) -> torch.Tensor:
+    """Adams–Bashforth for equal steps, steps_back = [eps 1 step back, 2 steps back, ...] (1 to 3 of them)."""
+    weights = {1: (3, -1), 2: (23, -16, 5), 3: (55, -59, 37, -9)}[len(steps_back)]
+    return sum(w * e for w, e in zip(weights, [eps_now, *steps_back])) / sum(weights)
+
+
+@_exercise("Exercise 3 (plms_combination)")
+def check_plms_combination(plms_combination) -> None:
+    """plms_combination(eps_now, eps_history) -> eps': the Adams–Bashforth combination of LDM's PLMS sampler.
+
+    eps_now: the network's eps at the current step, [N, C, H, W]; eps_history: a list of 1, 2 or 3 eps of the
+    previous steps, oldest first (the one a single step back is eps_history[-1]), as `sampling.plms_step`
+    takes its old_eps. Returns eps' [N, C, H, W], of order len(eps_history) + 1. Compared with the eps'
+    `sampling.plms_step` steps with (recovered from its pred_x0), for a network returning hidden random eps,
+    with 1, 2 and 3 previous eps (float64).
+    """
+    from minildm import sampling
+
+    process = diffusion.GaussianDiffusion(schedules.beta_schedule("linear", 1000))
+    generator = torch.Generator().manual_seed(620)
+    for history_length, (t, t_prev) in zip((1, 2, 3), [(700, 680), (420, 400), (60, 40)]):
+        eps_now, x_t, *history = torch.randn(2 + history_length, 2, 3, 4, 4, generator=generator,
+                                             dtype=torch.float64)
+        _, pred_x0, _ = sampling.plms_step(lambda x, t, eps=eps_now, **kwargs: eps, process, x_t, t, t_prev, history)
+        expected = process.eps_from_x0(x_t, torch.full((2,), t), pred_x0)  # the eps' the step used
+        mine = plms_combination(eps_now.clone(), [e.clone() for e in history])
+        mistakes = [(_adams_bashforth_06(eps_now, history), "eps_history is oldest first: the eps one step back is "
+                     "eps_history[-1]"),
+                    (_adams_bashforth_06(eps_now, history[-1:]), f"with {history_length} previous eps the "
+                     f"combination is of order {history_length + 1}: use all of them")]
+        if history_length == 3:
+            for flipped in range(4):  # one weight of the fourth-order formula with the wrong sign
+                weights = [55, -59, 37, -9]
+                weights[flipped] *= -1
+                mistakes.append((sum(w * e for w, e in zip(weights, [eps_now, *history[::-1]])) / 24,
+                                 "check the signs of the fourth-order weights: they alternate"))
+        _compare(mine, expected, f"plms_combination(eps_now, eps_history) with {history_length} previous eps",
+                 "the Adams–Bashforth weights of order len(eps_history) + 1, for equal steps; they sum to 1",
+                 mistakes=mistakes)

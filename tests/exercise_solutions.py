@@ -151,3 +151,36 @@ def nearest_code(z, codebook):
 
 def scale_factor(latents):
     return 1.0 / latents.flatten().std().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 06: latent diffusion
+
+
+def cross_attention(x, context, w_q, w_k, w_v, heads):
+    # LDM Eq. 3 per head: softmax(Q K^T / sqrt(d)) V, Q from x, K and V from the context
+    n, T, inner = x.shape[0], x.shape[1], w_q.shape[0]
+    dim_head = inner // heads
+    q = (x @ w_q.T).reshape(n, T, heads, dim_head).transpose(1, 2)  # [N, heads, T, dim_head]
+    k = (context @ w_k.T).reshape(n, -1, heads, dim_head).transpose(1, 2)  # [N, heads, L, dim_head]
+    v = (context @ w_v.T).reshape(n, -1, heads, dim_head).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim_head), dim=-1)  # over the L context tokens
+    return (weights @ v).transpose(1, 2).reshape(n, T, inner)
+
+
+def layout_tokens(box, label, grid, num_classes):
+    # <pad> 0, lattice point (ix, iy) at 1 + iy * grid + ix (points i / (grid - 1)), class c at 1 + grid^2 + c
+    def corner(x, y):
+        return 1 + round(float(y) * (grid - 1)) * grid + round(float(x) * (grid - 1))
+    x0, y0, x1, y1 = box
+    return 1 + grid * grid + label, corner(x0, y0), corner(x1, y1)
+
+
+def plms_combination(eps_now, eps_history):
+    # Adams-Bashforth of order 2, 3, 4 for equal steps; e[k] is the eps k steps back
+    e = [eps_now, *eps_history[::-1]]
+    if len(eps_history) == 1:
+        return (3 * e[0] - e[1]) / 2
+    if len(eps_history) == 2:
+        return (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+    return (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24

@@ -454,3 +454,165 @@ def test_chapter_05_check_rejects_a_typical_mistake(name, mistake, capsys):
 def test_chapter_05_check_answers_the_stub_without_raising(name, capsys):
     assert CASES_05[name][0](stub) is False
     assert verdict(capsys).endswith("not attempted yet: fill in the cell above")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 06: latent diffusion
+
+
+def _attention_with(x, context, w_q, w_k, w_v, heads, *, softmax_dim=-1, scale=None, split="heads first",
+                    merge="transpose"):
+    """Multi-head attention with one thing changed, for the typical mistakes below."""
+    n, T, inner = x.shape[0], x.shape[1], w_q.shape[0]
+    dim_head = inner // heads
+
+    def split_heads(t):
+        if split == "heads first":
+            return t.reshape(n, t.shape[1], heads, dim_head).transpose(1, 2)
+        if split == "heads last":  # channel c in head c % heads
+            return t.reshape(n, t.shape[1], dim_head, heads).permute(0, 3, 1, 2)
+        return t.reshape(n, heads, t.shape[1], dim_head)  # "tokens": splits the token axis into heads
+    q, k, v = split_heads(x @ w_q.T), split_heads(context @ w_k.T), split_heads(context @ w_v.T)
+    weights = torch.softmax(q @ k.transpose(-1, -2) * (scale or dim_head**-0.5), dim=softmax_dim)
+    out = weights @ v
+    return out.reshape(n, T, inner) if merge == "reshape" else out.transpose(1, 2).reshape(n, T, inner)
+
+
+def attention_softmax_over_queries(x, context, w_q, w_k, w_v, heads):
+    return _attention_with(x, context, w_q, w_k, w_v, heads, softmax_dim=-2)
+
+
+def attention_scaled_by_inner(x, context, w_q, w_k, w_v, heads):
+    return _attention_with(x, context, w_q, w_k, w_v, heads, scale=w_q.shape[0] ** -0.5)
+
+
+def attention_heads_interleaved(x, context, w_q, w_k, w_v, heads):
+    return _attention_with(x, context, w_q, w_k, w_v, heads, split="heads last")
+
+
+def attention_heads_split_over_tokens(x, context, w_q, w_k, w_v, heads):
+    return _attention_with(x, context, w_q, w_k, w_v, heads, split="tokens")
+
+
+def attention_merged_without_transpose(x, context, w_q, w_k, w_v, heads):
+    return _attention_with(x, context, w_q, w_k, w_v, heads, merge="reshape")
+
+
+def attention_single_head(x, context, w_q, w_k, w_v, heads):
+    return _attention_with(x, context, w_q, w_k, w_v, 1, scale=(w_q.shape[0] // heads) ** -0.5)
+
+
+def layout_x_y_swapped(box, label, grid, num_classes):
+    x0, y0, x1, y1 = box
+    return solutions.layout_tokens((y0, x0, y1, x1), label, grid, num_classes)
+
+
+def layout_class_without_offset(box, label, grid, num_classes):
+    return (1 + label, *solutions.layout_tokens(box, label, grid, num_classes)[1:])
+
+
+def layout_floored(box, label, grid, num_classes):
+    def corner(x, y):
+        return 1 + math.floor(float(y) * (grid - 1)) * grid + math.floor(float(x) * (grid - 1))
+    return 1 + grid * grid + label, corner(box[0], box[1]), corner(box[2], box[3])
+
+
+def layout_lattice_of_side_grid(box, label, grid, num_classes):  # points i / grid: x = 1 leaves the lattice
+    def corner(x, y):
+        return 1 + round(float(y) * grid) * grid + round(float(x) * grid)
+    return 1 + grid * grid + label, corner(box[0], box[1]), corner(box[2], box[3])
+
+
+def layout_without_pad(box, label, grid, num_classes):
+    return tuple(token - 1 for token in solutions.layout_tokens(box, label, grid, num_classes))
+
+
+def plms_history_newest_first(eps_now, eps_history):
+    return solutions.plms_combination(eps_now, eps_history[::-1])
+
+
+def plms_fourth_order_sign_error(eps_now, eps_history):
+    if len(eps_history) < 3:
+        return solutions.plms_combination(eps_now, eps_history)
+    e3, e2, e1 = eps_history
+    return (55 * eps_now - 59 * e1 + 37 * e2 + 9 * e3) / 24
+
+
+def plms_always_second_order(eps_now, eps_history):
+    return (3 * eps_now - eps_history[-1]) / 2
+
+
+def plms_euler(eps_now, eps_history):
+    return eps_now
+
+
+CASES_06 = {
+    "cross_attention": (exercises.check_cross_attention, solutions.cross_attention,
+                        [attention_softmax_over_queries, attention_scaled_by_inner, attention_heads_interleaved,
+                         attention_heads_split_over_tokens, attention_merged_without_transpose,
+                         attention_single_head]),
+    "layout_tokens": (exercises.check_layout_tokens, solutions.layout_tokens,
+                      [layout_x_y_swapped, layout_class_without_offset, layout_floored, layout_lattice_of_side_grid,
+                       layout_without_pad]),
+    "plms_combination": (exercises.check_plms_combination, solutions.plms_combination,
+                         [plms_history_newest_first, plms_fourth_order_sign_error, plms_always_second_order,
+                          plms_euler]),
+}
+MISTAKES_06 = [(name, mistake) for name, (_, _, mistakes) in CASES_06.items() for mistake in mistakes]
+
+
+@pytest.mark.parametrize("name", list(CASES_06))
+def test_chapter_06_check_accepts_the_reference_solution(name, capsys):
+    check, solution, _ = CASES_06[name]
+    assert check(solution) is True
+    assert ": correct" in verdict(capsys)
+
+
+@pytest.mark.parametrize("name, mistake", MISTAKES_06, ids=[f"{name}-{m.__name__}" for name, m in MISTAKES_06])
+def test_chapter_06_check_rejects_a_typical_mistake(name, mistake, capsys):
+    check = CASES_06[name][0]
+    assert check(mistake) is False
+    assert ": not yet: " in verdict(capsys)
+
+
+@pytest.mark.parametrize("name", list(CASES_06))
+def test_chapter_06_check_answers_the_stub_without_raising(name, capsys):
+    assert CASES_06[name][0](stub) is False
+    assert verdict(capsys).endswith("not attempted yet: fill in the cell above")
+
+
+def test_chapter_06_hints_name_the_mistake(capsys):
+    expected = {
+        attention_softmax_over_queries: "over the context tokens",
+        attention_scaled_by_inner: "the width of *one* head",
+        attention_heads_interleaved: "contiguous block of channels",
+        attention_merged_without_transpose: "tokens axis back in front of the heads",
+        attention_single_head: "attend in each head separately",
+        attention_heads_split_over_tokens: "not the tokens",
+        layout_x_y_swapped: "a row is one value of y",
+        layout_class_without_offset: "after <pad> and all grid * grid lattice tokens",
+        layout_floored: "round, do not floor",
+        layout_lattice_of_side_grid: "i / (grid - 1)",
+        layout_without_pad: "after <pad>",
+        plms_history_newest_first: "oldest first",
+        plms_fourth_order_sign_error: "signs of the fourth-order weights",
+        plms_always_second_order: "use all of them",
+    }
+    checks = {name: check for name, (check, _, _) in CASES_06.items()}
+    for mistake, phrase in expected.items():
+        name = next(name for name, (_, _, mistakes) in CASES_06.items() if mistake in mistakes)
+        checks[name](mistake)
+        out = verdict(capsys)
+        assert phrase in out, (mistake.__name__, out)
+
+
+def test_chapter_06_layout_check_takes_tensors_and_reports_a_wrong_return(capsys):
+    def as_tensor(box, label, grid, num_classes):  # a tensor of three tokens is accepted
+        return torch.tensor(solutions.layout_tokens(box, label, grid, num_classes))
+
+    def two_tokens(box, label, grid, num_classes):
+        return solutions.layout_tokens(box, label, grid, num_classes)[1:]
+    assert exercises.check_layout_tokens(as_tensor) is True
+    assert ": correct" in verdict(capsys)
+    assert exercises.check_layout_tokens(two_tokens) is False
+    assert "should return three tokens" in verdict(capsys)
