@@ -193,18 +193,19 @@ def build_conditioner(config, *, tokenizer=None) -> tuple[nn.Module | None, torc
     return conditioning.FrozenCLIPEmbedder(max_length=latent.cond_length), None
 
 
-def build(config, *, first_stage: autoencoder_lib.Autoencoder | None = None, tokenizer=None,
-          device=None) -> LatentDiffusion:
+def build(config, *, first_stage: autoencoder_lib.Autoencoder | None = None, tokenizer=None, device=None,
+          scale_factor: float | None = None) -> LatentDiffusion:
     """The whole latent diffusion model of `config` (UNet, first stage, conditioner); weights as built or loaded.
 
     first_stage: an autoencoder to use instead of config.latent.first_stage's (e.g. one already in memory).
-    The scale factor is config.latent.scale_factor, or (0) the one the first stage's checkpoint stored.
+    The scale factor is `scale_factor` if given, else config.latent.scale_factor, or (0) the one the first
+    stage's checkpoint stored.
     """
     config_lib.validate(config, own_data=True)
     stored = None
     if first_stage is None:
         first_stage, stored = build_first_stage(config, device=device)
-    scale = config.latent.scale_factor or stored
+    scale = scale_factor or config.latent.scale_factor or stored
     if not scale:
         raise config_lib.ConfigError("latent.scale_factor=0 asks for the first stage's stored scale factor, but "
                                      f"{config.latent.first_stage!r} stores none; set latent.scale_factor")
@@ -323,7 +324,8 @@ def load(path, *, device="cpu", ema: bool = True) -> LatentDiffusion:
     if saved["tokenizer"] is not None:
         kind = conditioning.LayoutTokenizer if config.latent.conditioner == "layout" else conditioning.WordTokenizer
         tokenizer = kind.from_dict(saved["tokenizer"])
-    ldm = build(config, first_stage=first_stage, tokenizer=tokenizer, device=device)
+    # the scale factor is a buffer of the saved weights: 1.0 until they are loaded
+    ldm = build(config, first_stage=first_stage, tokenizer=tokenizer, device=device, scale_factor=1.0)
     prefix = "ema." if ema and metadata["has_ema"] else "model."
     tensors = checkpoints._read_tensors(path, (prefix,), device, metadata.get("checksums"))
     checkpoints.load_weights(ldm, checkpoints._strip(tensors, prefix), source=f"{path} ({prefix[:-1]})")

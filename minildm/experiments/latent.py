@@ -5,6 +5,7 @@ cost of latent against pixel space.
     python -m minildm.experiments.latent ship ldm-shapes-text
     python -m minildm.experiments.latent follow ldm-shapes-text --num 500 --scales 1,2,3,5
     python -m minildm.experiments.latent cost                       # latent vs pixel: s / training step, s / sample
+    python -m minildm.experiments.latent quality --num 500          # latent vs pixel: scores of the shipped models
 
 Caption following is read off each sample by the course's shapes evaluator (kind, colour) and by its pixels
 (position: the 3x3 cell of the object's centroid; size: its area against the small/large threshold), and compared
@@ -235,6 +236,31 @@ def cost(*, batch: int = 32, samples: int = 64, steps: int = 25, repeats: int = 
     return report
 
 
+def quality(*, num: int = 500, steps: int = 25, seed: int = 0, folder=None) -> dict:
+    """The shipped class-conditional LDM against the shipped class-conditional pixel UNet (ddpm-shapes-cond), each
+    asked for kinds i mod 5 with DDIM `steps`, no guidance: `metrics.evaluate_shapes` scores and sampling seconds,
+    plus each model's training time from its card data."""
+    from minildm.experiments import guidance as guidance_experiment
+
+    folder = Path(folder or CHECKPOINTS)
+    labels = torch.arange(num) % 5
+    report = {"num": num, "steps": steps, "seed": seed, "threads": torch.get_num_threads()}
+    ldm = load_shipped("ldm-shapes-class", folder)
+    start = time.perf_counter()
+    images = latent.sample(ldm, minildm.build_diffusion(ldm.config), labels, steps=steps, seed=seed, batch_size=250)
+    report["latent"] = {"sample_seconds": time.perf_counter() - start, **metrics.evaluate_shapes(images, labels=labels)}
+    pixel, config = guidance_experiment.load_shipped("ddpm-shapes-cond", folder)
+    start = time.perf_counter()
+    images = train.generate(pixel, minildm.build_diffusion(config), config, num, steps=steps, seed=seed, y=labels,
+                            batch_size=250)
+    report["pixel"] = {"sample_seconds": time.perf_counter() - start, **metrics.evaluate_shapes(images, labels=labels)}
+    card = json.loads((folder / "ldm-shapes-class.json").read_text())
+    report["latent"]["train_seconds"] = card["train_seconds"]
+    report["latent"]["train_images"] = card["steps"] * ldm.config.train.batch_size
+    report["pixel"]["train_images"] = config.train.max_steps * config.train.batch_size
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minildm.experiments.latent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -250,6 +276,9 @@ def main(argv=None) -> int:
     follow_parser.add_argument("--out")
     cost_parser = commands.add_parser("cost", help="latent vs pixel: seconds per training step and per sample")
     cost_parser.add_argument("--out", default=str(RESULTS / "ldm_cost.json"))
+    quality_parser = commands.add_parser("quality", help="the class LDM against the pixel UNet: scores at equal N")
+    quality_parser.add_argument("--num", type=int, default=500)
+    quality_parser.add_argument("--out", default=str(RESULTS / "ldm_vs_pixel.json"))
     args = parser.parse_args(argv)
     if args.command == "ship":
         print(json.dumps(ship(args.name, num=args.num), indent=2))
@@ -263,7 +292,8 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
     else:
-        report = cost()
+        report = cost() if args.command == "cost" else quality(num=args.num)
+        report["command"] = "python -m minildm.experiments.latent " + " ".join(sys.argv[1:] if argv is None else argv)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
     return 0
