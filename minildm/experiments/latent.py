@@ -27,6 +27,7 @@ import torch
 import minildm
 from minildm import checkpoints, conditioning, data, latent, metrics, presets, train
 from minildm.experiments.autoencoders import training_seconds
+from minildm.layers import count_parameters
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "data" / "checkpoints"
 RESULTS = Path(__file__).resolve().parents[2] / "data" / "results"
@@ -88,7 +89,80 @@ def ship(name: str, *, run_dir=None, out=None, num: int = 500) -> dict:
     checkpoints.save(path, ema, config, step=config.train.max_steps,
                      extra={**ema.checkpoint_metadata(), "scores": report})
     path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_card(name, path.parent)
     return report
+
+
+DESCRIPTION = {
+    "class": "class-conditional: the kind of shape (circle, square, triangle, diamond, cross) is one context token "
+             "from LDM's `ClassEmbedder` (6 rows: the 5 kinds and the null class 5)",
+    "text": "text-to-image: a caption ('a large red circle on the left') becomes 8 word tokens (`WordTokenizer`, "
+            "26 words) and LDM's `TransformerEmbedder` (2 layers, width 64, trained with the UNet) turns them into "
+            "8 context tokens; the empty caption is the null condition",
+    "layout": "layout-to-image: 1-3 boxes, each (kind, top-left corner, bottom-right corner) on a 16x16 lattice "
+              "(`LayoutTokenizer`, LDM's layout tokens), through LDM's `TransformerEmbedder` (2 layers, width 64); "
+              "no boxes is the null condition",
+}
+
+
+def write_card(name: str, folder=None) -> Path:
+    """Write `<name>.md` and `<name>-samples.png` of a shipped shapes LDM from its checkpoint and .json scores."""
+    from torchvision.utils import save_image
+
+    folder = Path(folder or CHECKPOINTS)
+    report = json.loads((folder / f"{name}.json").read_text())
+    ldm = load_shipped(name, folder)
+    config, kind = ldm.config, ldm.config.latent.conditioner
+    scenes = requests(16, max_objects=config.data.max_objects)
+    conditions = conditions_of(config, scenes)
+    diffusion = minildm.build_diffusion(config)
+    rows = [latent.sample(ldm, diffusion, conditions, steps=25, guidance_scale=w, seed=0) for w in (1.0, 3.0)]
+    save_image((torch.cat([scenes.tensors()[0], *rows]) + 1) / 2, folder / f"{name}-samples.png", nrow=16,
+               padding=1, pad_value=1)
+    sweep = RESULTS / f"{name}_follow_ddim.json"  # the chapter's sweep over more scales, when it has been run
+    follow_report = json.loads(sweep.read_text()) if sweep.is_file() else report["follow"]
+    keys = ["iou", "box_kind", "empty_outside"] if kind == "layout" else ["kind", "color", "position", "size", "all"]
+    table = "| w | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    for w, scores in follow_report["scales"].items():
+        table += f"| {w} | " + " | ".join(f"{scores[key]:.3f}" for key in keys) + " |\n"
+    table += "| real images | " + " | ".join(f"{follow_report['real'][key]:.3f}" for key in keys) + " |\n"
+    minutes, seconds = divmod(round(report["train_seconds"]), 60)
+    t, u = config.train, config.unet
+    counts = {part: count_parameters(module) for part, module in
+              (("UNet", ldm.unet), ("conditioner", ldm.cond_stage_model), ("first stage", ldm.first_stage_model))}
+    rows_text = ("real images of the asked " + ("layouts" if kind == "layout" else "captions") +
+                 " (top), samples at w = 1 (middle) and w = 3 (bottom)")
+    card = f"""# Model card: `{name}.safetensors`
+
+A latent diffusion model (Rombach et al. 2022) for the course's 32x32 shapes, {DESCRIPTION[kind]}. It diffuses in the
+8x8x3 latent of the shipped KL autoencoder of chapter 05 (`ae-kl-f4-shapes`), scaled by its stored factor
+s = {ldm.scale_factor.item():.4f}. Chapter 06 samples it.
+
+| | |
+|---|---|
+| file | `{name}.safetensors`, {(folder / f"{name}.safetensors").stat().st_size / 1e6:.1f} MB: `model.*` = the EMA weights of the whole `LatentDiffusion` (UNet `model.diffusion_model.*`, conditioner `cond_stage_model.*`, a copy of the first stage `first_stage_model.*`, `scale_factor`); the tokenizer and the first stage's settings in its metadata. Load with `minildm.latent.load(path)` |
+| preset | `{name}`; train and score: `{report["command"]}` |
+| network | UNet {counts["UNet"]:,} parameters (ch {u.channels}, mult {",".join(map(str, u.channel_mult))}, {u.num_res_blocks} res block per level, SpatialTransformer at 8x8 and 4x4, {u.num_head_channels} channels per head, context {u.context_dim}); conditioner {counts["conditioner"]:,}; first stage {counts["first stage"]:,} (frozen) |
+| process | LDM's: T = 1000, sqrt-linear betas {config.diffusion.beta_start:g} to {config.diffusion.beta_end:g}, eps prediction, L2 loss with Min-SNR-{config.diffusion.snr_gamma:g} weighting |
+| training | {t.max_steps:,} steps of batch {t.batch_size} on latents encoded once (posterior means of {config.data.num_samples:,} shapes, {report["encode_seconds"]:.0f} s), AdamW lr {t.lr:g} (warm-up {t.warmup_steps}, cosine over the last {t.lr_decay_steps:,} steps), EMA {t.ema_decay:g} with warm-up, condition dropout {t.cond_dropout:g} (classifier-free guidance) |
+| time | {minutes} min {seconds} s wall on one thread of a 2-core {report["machine"]} CPU (other runs shared the machine) |
+
+![samples](./{name}-samples.png)
+
+*{rows_text}; DDIM 25 steps, seed 0.*
+
+## Condition following
+
+{follow_report["num"]} held-out {"layouts" if kind == "layout" else "captions"} (data seed 1), one sample each, DDIM {follow_report["steps"]} steps, seed {follow_report["seed"]}; the same scoring on the real images is the ceiling.
+{"IoU of the lit pixels with the boxes, the evaluator's kind of each box's crop, no object outside the boxes." if kind == "layout" else "Kind and colour as the course's shapes evaluator reads them; position: the 3x3 cell of the object's box centre; size: its longer side against 0.4 of the image; all: the four at once."}
+
+{table}
+`w` is the classifier-free guidance scale (1: none, the conditional model alone; 0: the unconditional model).
+{f"Scores from `{follow_report['command']}`." if "command" in follow_report else ""}
+"""
+    path = folder / f"{name}.md"
+    path.write_text(card)
+    return path
 
 
 def load_shipped(name: str, folder=None) -> latent.LatentDiffusion:
@@ -268,6 +342,8 @@ def main(argv=None) -> int:
     ship_parser = commands.add_parser("ship", help="train a shapes LDM preset, score it, write data/checkpoints")
     ship_parser.add_argument("name")
     ship_parser.add_argument("--num", type=int, default=500)
+    card_parser = commands.add_parser("card", help="rewrite the model card of a shipped shapes LDM")
+    card_parser.add_argument("name")
     follow_parser = commands.add_parser("follow", help="condition following of a shipped model against the scale")
     follow_parser.add_argument("name")
     follow_parser.add_argument("--num", type=int, default=500)
@@ -282,6 +358,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "ship":
         print(json.dumps(ship(args.name, num=args.num), indent=2))
+    elif args.command == "card":
+        print(write_card(args.name))
     elif args.command == "follow":
         scales = [float(s) for s in args.scales.split(",")]
         ldm = load_shipped(args.name)
