@@ -592,14 +592,15 @@ _ldm("sd-v1", "Stable Diffusion v1: 64x64x4 KL-f8 latents of 512x512 images, ch 
 # (8x8x3 latents, its stored scale factor), a UNet of LDM's design (SpatialTransformer at both levels, cross-attention
 # on the context) and LDM's process for f=4 models (sqrt-linear betas 0.0015..0.0195). The recipe is the shipped
 # pixel models' (lr 1e-3, warm-up, cosine decay, EMA 0.999, Min-SNR-5), at batch 32; 10% condition dropout for
-# classifier-free guidance. The conditioner's vocabulary is set from the data by experiments.latent.
+# classifier-free guidance. Captions (four attributes) and layouts (1-3 objects) train longer than classes: at 1,300
+# steps the text model drew the asked kind, colour and position together for 7% of held-out captions. The conditioner's vocabulary is set from the data by experiments.latent.
 
 _SHAPES_LDM_UNET = UNetConfig(image_size=8, in_channels=3, out_channels=3, channels=64, channel_mult=(1, 2),
                               num_res_blocks=1, attention_resolutions=(8, 4), dropout=0.0, num_head_channels=32,
                               norm_groups=16, context_dim=64)
 
 
-def _shapes_ldm(name, summary, latent, data):
+def _shapes_ldm(name, summary, latent, data, steps=4000, decay=1500):
     from minildm.config import LatentConfig
 
     return register(Preset(
@@ -612,8 +613,8 @@ def _shapes_ldm(name, summary, latent, data):
             diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
                                       beta_end=0.0195, snr_gamma=5.0),
             data=data,
-            train=TrainConfig(batch_size=32, lr=1e-3, warmup_steps=200, max_steps=4000, lr_schedule="cosine",
-                              lr_decay_steps=1500, ema_decay=0.999, cond_dropout=0.1, sample_every=0, save_every=500,
+            train=TrainConfig(batch_size=32, lr=1e-3, warmup_steps=200, max_steps=steps, lr_schedule="cosine",
+                              lr_decay_steps=decay, ema_decay=0.999, cond_dropout=0.1, sample_every=0, save_every=500,
                               log_every=50, out_dir=f"runs/{name}"),
             sample=SampleConfig(sampler="ddim", clip_denoised=False),
         ),
@@ -628,9 +629,10 @@ _shapes_ldm("ldm-shapes-text", "text-to-image latent diffusion on 32x32 shapes: 
             "left') through a word tokenizer and LDM's transformer text encoder (2 layers, width 64) trained with "
             "the UNet; KL-f4 latents 8x8x3 (chapter 06)",
             dict(conditioner="text", cond_vocab=26, cond_length=8, cond_layers=2),
-            DataConfig(dataset="shapes", image_size=32, random_flip=False, num_samples=20_000))
+            DataConfig(dataset="shapes", image_size=32, random_flip=False, num_samples=20_000), steps=8000, decay=3000)
 _shapes_ldm("ldm-shapes-layout", "layout-to-image latent diffusion on 32x32 shapes with 1-3 small objects: each box "
             "becomes (kind, top-left, bottom-right) tokens on a 16x16 lattice (LDM's layout tokens) into LDM's "
             "transformer encoder (2 layers, width 64); KL-f4 latents 8x8x3 (chapter 06)",
             dict(conditioner="layout", cond_vocab=262, cond_length=9, cond_layers=2),
-            DataConfig(dataset="shapes", image_size=32, random_flip=False, num_samples=20_000, max_objects=3))
+            DataConfig(dataset="shapes", image_size=32, random_flip=False, num_samples=20_000, max_objects=3),
+            steps=6000, decay=2000)
