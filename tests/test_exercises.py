@@ -197,35 +197,12 @@ CASES = {  # check: (reference solution, typical mistakes)
     "largest_respaced_beta": (exercises.check_largest_respaced_beta, solutions.LARGEST_RESPACED_BETA,
                               [LARGEST_OF_THE_WRONG_SPACING, 0.999, round(solutions.LARGEST_RESPACED_BETA, 1)]),
 }
-MISTAKES = [(name, mistake) for name, (_, _, mistakes) in CASES.items() for mistake in mistakes]
 
 
 def verdict(capsys) -> str:
     out = capsys.readouterr().out.strip()
     assert "\n" not in out, f"a check prints one line, got {out!r}"
     return out
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_check_accepts_the_reference_solution(name, capsys):
-    check, solution, _ = CASES[name]
-    assert check(solution) is True
-    assert ": correct" in verdict(capsys)
-
-
-@pytest.mark.parametrize("name, mistake", MISTAKES,
-                         ids=[f"{name}-{getattr(m, '__name__', m)}" for name, m in MISTAKES])
-def test_check_rejects_a_typical_mistake(name, mistake, capsys):
-    check, _, _ = CASES[name]
-    assert check(mistake) is False
-    assert ": not yet: " in verdict(capsys)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_check_answers_the_stub_without_raising(name, capsys):
-    check = CASES[name][0]
-    assert check(None if name == "largest_respaced_beta" else stub) is False
-    assert verdict(capsys).endswith("not attempted yet: fill in the cell above")
 
 
 def test_a_crash_in_the_answer_is_reported_not_raised(capsys):
@@ -341,27 +318,6 @@ CASES_04 = {
                           [gradient_of_logit, gradient_of_probability, gradient_without_scale,
                            gradient_without_enable_grad]),
 }
-MISTAKES_04 = [(name, mistake) for name, (_, _, mistakes) in CASES_04.items() for mistake in mistakes]
-
-
-@pytest.mark.parametrize("name", list(CASES_04))
-def test_chapter_04_check_accepts_the_reference_solution(name, capsys):
-    check, solution, _ = CASES_04[name]
-    assert check(solution) is True
-    assert ": correct" in verdict(capsys)
-
-
-@pytest.mark.parametrize("name, mistake", MISTAKES_04, ids=[f"{name}-{m.__name__}" for name, m in MISTAKES_04])
-def test_chapter_04_check_rejects_a_typical_mistake(name, mistake, capsys):
-    check = CASES_04[name][0]
-    assert check(mistake) is False
-    assert ": not yet: " in verdict(capsys)
-
-
-@pytest.mark.parametrize("name", list(CASES_04))
-def test_chapter_04_check_answers_the_stub_without_raising(name, capsys):
-    assert CASES_04[name][0](stub) is False
-    assert verdict(capsys).endswith("not attempted yet: fill in the cell above")
 
 
 def test_chapter_04_hints_name_the_mistake(capsys):
@@ -433,27 +389,6 @@ CASES_05 = {
     "scale_factor": (exercises.check_scale_factor, solutions.scale_factor,
                      [scale_by_std, scale_by_variance, scale_per_channel]),
 }
-MISTAKES_05 = [(name, mistake) for name, (_, _, mistakes) in CASES_05.items() for mistake in mistakes]
-
-
-@pytest.mark.parametrize("name", list(CASES_05))
-def test_chapter_05_check_accepts_the_reference_solution(name, capsys):
-    check, solution, _ = CASES_05[name]
-    assert check(solution) is True
-    assert ": correct" in verdict(capsys)
-
-
-@pytest.mark.parametrize("name, mistake", MISTAKES_05, ids=[f"{name}-{m.__name__}" for name, m in MISTAKES_05])
-def test_chapter_05_check_rejects_a_typical_mistake(name, mistake, capsys):
-    check = CASES_05[name][0]
-    assert check(mistake) is False
-    assert ": not yet: " in verdict(capsys)
-
-
-@pytest.mark.parametrize("name", list(CASES_05))
-def test_chapter_05_check_answers_the_stub_without_raising(name, capsys):
-    assert CASES_05[name][0](stub) is False
-    assert verdict(capsys).endswith("not attempted yet: fill in the cell above")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,27 +493,6 @@ CASES_06 = {
                          [plms_history_newest_first, plms_fourth_order_sign_error, plms_always_second_order,
                           plms_euler]),
 }
-MISTAKES_06 = [(name, mistake) for name, (_, _, mistakes) in CASES_06.items() for mistake in mistakes]
-
-
-@pytest.mark.parametrize("name", list(CASES_06))
-def test_chapter_06_check_accepts_the_reference_solution(name, capsys):
-    check, solution, _ = CASES_06[name]
-    assert check(solution) is True
-    assert ": correct" in verdict(capsys)
-
-
-@pytest.mark.parametrize("name, mistake", MISTAKES_06, ids=[f"{name}-{m.__name__}" for name, m in MISTAKES_06])
-def test_chapter_06_check_rejects_a_typical_mistake(name, mistake, capsys):
-    check = CASES_06[name][0]
-    assert check(mistake) is False
-    assert ": not yet: " in verdict(capsys)
-
-
-@pytest.mark.parametrize("name", list(CASES_06))
-def test_chapter_06_check_answers_the_stub_without_raising(name, capsys):
-    assert CASES_06[name][0](stub) is False
-    assert verdict(capsys).endswith("not attempted yet: fill in the cell above")
 
 
 def test_chapter_06_hints_name_the_mistake(capsys):
@@ -616,3 +530,33 @@ def test_chapter_06_layout_check_takes_tensors_and_reports_a_wrong_return(capsys
     assert ": correct" in verdict(capsys)
     assert exercises.check_layout_tokens(two_tokens) is False
     assert "should return three tokens" in verdict(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every chapter's checks: each accepts its reference solution, rejects each typical mistake, answers a stub.
+
+ALL_CASES = {**CASES, **CASES_04, **CASES_05, **CASES_06}
+assert len(ALL_CASES) == len(CASES) + len(CASES_04) + len(CASES_05) + len(CASES_06)  # no name used twice
+MISTAKES = [(name, mistake) for name, (_, _, mistakes) in ALL_CASES.items() for mistake in mistakes]
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+def test_check_accepts_the_reference_solution(name, capsys):
+    check, solution, _ = ALL_CASES[name]
+    assert check(solution) is True
+    assert ": correct" in verdict(capsys)
+
+
+@pytest.mark.parametrize("name, mistake", MISTAKES,
+                         ids=[f"{name}-{getattr(m, '__name__', m)}" for name, m in MISTAKES])
+def test_check_rejects_a_typical_mistake(name, mistake, capsys):
+    check, _, _ = ALL_CASES[name]
+    assert check(mistake) is False
+    assert ": not yet: " in verdict(capsys)
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+def test_check_answers_the_stub_without_raising(name, capsys):
+    check = ALL_CASES[name][0]
+    assert check(None if name == "largest_respaced_beta" else stub) is False
+    assert verdict(capsys).endswith("not attempted yet: fill in the cell above")
