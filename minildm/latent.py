@@ -98,6 +98,8 @@ class LatentDiffusion(nn.Module):
 
     def null(self, n: int) -> torch.Tensor:
         """The null condition for a batch of n, [n, ...] (classifier-free guidance's unconditional input)."""
+        if self.null_condition is None and hasattr(self.cond_stage_model, "tokenize"):  # CLIP: the empty prompt
+            self.null_condition = self.cond_stage_model.tokenize([""]).to(self.scale_factor.device)
         if self.null_condition is None:
             raise ValueError("this model has no null condition: build it with a class, text or layout conditioner "
                              "(classifier-free guidance and train.cond_dropout need one)")
@@ -252,10 +254,12 @@ def training_data(ldm: LatentDiffusion, images: torch.Tensor, conditions=None, *
 
 
 def tokenize(ldm: LatentDiffusion, conditions) -> torch.Tensor:
-    """The conditioner's input for raw conditions: captions -> token ids [N, L]; (boxes, labels) -> [N, 3 K];
-    tensors pass through."""
+    """The conditioner's input for raw conditions: captions -> token ids [N, L] (ldm.tokenizer's, or CLIP's own);
+    (boxes, labels) -> [N, 3 K]; tensors pass through."""
     if torch.is_tensor(conditions):
         return conditions
+    if ldm.tokenizer is None and hasattr(ldm.cond_stage_model, "tokenize"):  # CLIP brings its own tokenizer
+        return ldm.cond_stage_model.tokenize(list(conditions))
     if ldm.tokenizer is None:
         raise ValueError("raw conditions (captions, boxes) need the model's tokenizer: build it with tokenizer=...")
     if isinstance(conditions, tuple) and len(conditions) == 2:

@@ -276,3 +276,24 @@ def test_the_command_line_samples_latent_checkpoints(tmp_path):
                  "--guidance-scale", "2", "--out", str(out)]) == 0
     assert out.is_file()
     assert main(["sample", checkpoint, "--num", "2", "--steps", "2", "--out", str(out)]) == 2  # no prompt
+
+
+def test_a_clip_conditioned_model_samples_with_guidance_on_token_ids():
+    """Stable Diffusion's arrangement in miniature: a frozen CLIP text model (random, tiny) as the conditioner."""
+    pytest.importorskip("transformers")
+    from minildm import conditioning
+
+    config = tiny_config("clip", cond_vocab=0, cond_length=7)
+    clip = conditioning.FrozenCLIPEmbedder(pretrained=False, max_length=7, config=dict(
+        vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=7))
+    torch.manual_seed(0)
+    ldm = latent.LatentDiffusion(minildm.build_model(config), tiny_autoencoder(), clip, scale_factor=0.5)
+    ldm.config = config
+    ldm.null_condition = torch.tensor([[48, 49, 49, 49, 49, 49, 49]])  # what CLIP's tokenizer makes of ""
+    ids = torch.randint(0, 48, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(ldm(torch.zeros(3, 2, 8, 8), torch.tensor([1, 2, 3]), y=ids),
+                                   ldm.unet(torch.zeros(3, 2, 8, 8), torch.tensor([1, 2, 3]), context=clip(ids)))
+    images = latent.sample(ldm, minildm.build_diffusion(config), ids, steps=2, guidance_scale=7.5, sampler="plms")
+    assert images.shape == (3, 3, 16, 16) and not any(p.requires_grad for p in clip.parameters())
