@@ -71,7 +71,7 @@ class LatentDiffusion(nn.Module):
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         self.tokenizer = tokenizer
         self.register_buffer("null_condition", null_condition, persistent=False)
-        self.config: config_lib.Config | None = None  # set by `build`; stored in checkpoint metadata
+        self.config: config_lib.Config | None = None  # the config it was built from (`build`, `load`)
 
     @property
     def unet(self) -> nn.Module:
@@ -127,12 +127,8 @@ class LatentDiffusion(nn.Module):
 
     def checkpoint_metadata(self) -> dict:
         """What `load` needs besides the weights: the first stage's and conditioner's settings, the tokenizer."""
-        return {"latent": {
-            "first_stage": config_lib.to_dict(config_lib.Config(autoencoder=self.first_stage_model.config))[
-                "autoencoder"],
-            "tokenizer": None if self.tokenizer is None else self.tokenizer.to_dict(),
-            "null_condition": None if self.null_condition is None else self.null_condition.tolist(),
-        }}
+        return {"latent": {"first_stage": config_lib.to_dict(self.first_stage_model.config),
+                           "tokenizer": None if self.tokenizer is None else self.tokenizer.to_dict()}}
 
 
 # ---------------------------------------------------------------------------------------------
