@@ -273,40 +273,59 @@ def follow(ldm: latent.LatentDiffusion, *, num: int = 500, scales=(1.0, 3.0), st
 # Latent against pixel space
 
 
-def cost(*, batch: int = 32, samples: int = 64, steps: int = 25, repeats: int = 5) -> dict:
-    """Seconds per training step (batch `batch`) and per sample (DDIM `steps`) of the shapes LDM against the shipped
-    pixel-space UNet, measured side by side in this process (one thread): the ratio is what latent space buys."""
+def cost(*, batch: int = 32, samples: int = 64, steps: int = 25, repeats: int = 7) -> dict:
+    """Seconds per training step (batch `batch`) and per sample (DDIM `steps`, decoding included) of the shapes
+    LDMs (class and text) against the shipped pixel-space UNet (ddpm-shapes-cond), measured in this process on
+    one thread, the models' steps interleaved so that a busy machine slows all alike; the ratios are what latent
+    space buys. Also the encoder's seconds per training image, paid once when the latents are cached (LDM
+    encodes on the fly, in every step)."""
     torch.manual_seed(0)
-    config, ldm, _ = build_for("ldm-shapes-class")
     pixel_config = presets.get("ddpm-shapes-cond")
-    pixel = minildm.build_model(pixel_config)
-    y = torch.randint(0, 5, (batch,))
-    report = {"batch": batch, "threads": torch.get_num_threads(), "machine": platform.machine()}
-    for label, model, shape in (("latent", ldm, (3, 8, 8)), ("pixel", pixel, (3, 32, 32))):
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        x, t = torch.randn(batch, *shape), torch.randint(0, 1000, (batch,))
-        times = []
-        for i in range(repeats + 2):
+    models = {"pixel": (minildm.build_model(pixel_config), pixel_config, (3, 32, 32))}
+    for kind in ("class", "text"):
+        config, ldm, shapes = build_for(f"ldm-shapes-{kind}")
+        models[f"latent_{kind}"] = (ldm, config, (3, 8, 8))
+    conditions = {"pixel": torch.arange(batch) % 5, "latent_class": torch.arange(batch) % 5,
+                  "latent_text": latent.tokenize(models["latent_text"][0], shapes.captions[:batch])}
+    optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                  for name, (model, _, _) in models.items()}
+    times = {name: [] for name in models}
+    for repeat in range(repeats + 2):
+        for name, (model, _, shape) in models.items():
+            x, t = torch.randn(batch, *shape), torch.randint(0, 1000, (batch,))
             start = time.perf_counter()
-            loss = (model(x, t, y=y) - x).pow(2).mean()
-            optimizer.zero_grad()
+            loss = (model(x, t, y=conditions[name]) - x).pow(2).mean()
+            optimizers[name].zero_grad()
             loss.backward()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
+            optimizers[name].step()
+            if repeat >= 2:  # the first two are warm-up
+                times[name].append(time.perf_counter() - start)
+    report = {"batch": batch, "samples": samples, "steps": steps, "threads": torch.get_num_threads(),
+              "machine": platform.machine()}
+    for name, (model, config, shape) in models.items():
         model.eval()
-        diffusion = minildm.build_diffusion(config if label == "latent" else pixel_config)
+        diffusion = minildm.build_diffusion(config)
+        labels = torch.arange(samples) % 5
         start = time.perf_counter()
         with torch.no_grad():
-            if label == "latent":
-                latent.sample(ldm, diffusion, torch.arange(samples) % 5, steps=steps)
+            if name == "pixel":
+                train.generate(model, diffusion, config, samples, steps=steps, y=labels)
             else:
-                train.generate(pixel, diffusion, pixel_config, samples, steps=steps, y=torch.arange(samples) % 5)
-        sample_seconds = (time.perf_counter() - start) / samples
-        report[label] = {"params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                         "step_seconds": sorted(times[2:])[len(times[2:]) // 2], "sample_seconds": sample_seconds,
-                         "values_per_image": math.prod(shape)}
-    report["step_ratio"] = report["pixel"]["step_seconds"] / report["latent"]["step_seconds"]
-    report["sample_ratio"] = report["pixel"]["sample_seconds"] / report["latent"]["sample_seconds"]
+                latent.sample(model, diffusion, labels if name == "latent_class" else
+                              conditions[name].repeat(samples // batch + 1, 1)[:samples], steps=steps)
+        report[name] = {"params": count_parameters(model) - (count_parameters(model.first_stage_model)
+                                                             if name != "pixel" else 0),
+                        "step_seconds": sorted(times[name])[len(times[name]) // 2],
+                        "sample_seconds": (time.perf_counter() - start) / samples,
+                        "values_per_image": math.prod(shape)}
+    ldm = models["latent_class"][0]
+    images = torch.rand(batch, 3, 32, 32) * 2 - 1
+    start = time.perf_counter()
+    ldm.encode(images)
+    report["encode_seconds_per_image"] = (time.perf_counter() - start) / batch
+    for name in ("latent_class", "latent_text"):
+        report[name]["step_ratio"] = report["pixel"]["step_seconds"] / report[name]["step_seconds"]
+        report[name]["sample_ratio"] = report["pixel"]["sample_seconds"] / report[name]["sample_seconds"]
     return report
 
 
