@@ -121,7 +121,8 @@ def write_card(name: str, folder=None) -> Path:
                padding=1, pad_value=1)
     sweep = RESULTS / f"{name}_follow_ddim.json"  # the chapter's sweep over more scales, when it has been run
     follow_report = json.loads(sweep.read_text()) if sweep.is_file() else report["follow"]
-    keys = ["iou", "box_kind", "empty_outside"] if kind == "layout" else ["kind", "color", "position", "size", "all"]
+    keys = {"layout": ["iou", "box_kind", "empty_outside"], "class": ["kind"]}.get(
+        kind, ["kind", "color", "position", "size", "all"])
     table = "| w | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
     for w, scores in follow_report["scales"].items():
         table += f"| {w} | " + " | ".join(f"{scores[key]:.3f}" for key in keys) + " |\n"
@@ -130,8 +131,15 @@ def write_card(name: str, folder=None) -> Path:
     t, u = config.train, config.unet
     counts = {part: count_parameters(module) for part, module in
               (("UNet", ldm.unet), ("conditioner", ldm.cond_stage_model), ("first stage", ldm.first_stage_model))}
-    rows_text = ("real images of the asked " + ("layouts" if kind == "layout" else "captions") +
-                 " (top), samples at w = 1 (middle) and w = 3 (bottom)")
+    asked = {"layout": "layouts", "class": "kinds", "text": "captions"}[kind]
+    scoring = {
+        "layout": "IoU of the lit pixels with the boxes, the evaluator's kind of each box's crop, no object outside "
+                  "the boxes.",
+        "class": "Kind as the course's shapes evaluator reads it (the class asks for nothing else).",
+        "text": "Kind and colour as the course's shapes evaluator reads them; position: the 3x3 cell of the object's "
+                "box centre; size: its longer side against 0.4 of the image; all: the four at once.",
+    }[kind]
+    rows_text = f"real images of the asked {asked} (top), samples at w = 1 (middle) and w = 3 (bottom)"
     card = f"""# Model card: `{name}.safetensors`
 
 A latent diffusion model (Rombach et al. 2022) for the course's 32x32 shapes, {DESCRIPTION[kind]}. It diffuses in the
@@ -153,8 +161,8 @@ s = {ldm.scale_factor.item():.4f}. Chapter 06 samples it.
 
 ## Condition following
 
-{follow_report["num"]} held-out {"layouts" if kind == "layout" else "captions"} (data seed 1), one sample each, DDIM {follow_report["steps"]} steps, seed {follow_report["seed"]}; the same scoring on the real images is the ceiling.
-{"IoU of the lit pixels with the boxes, the evaluator's kind of each box's crop, no object outside the boxes." if kind == "layout" else "Kind and colour as the course's shapes evaluator reads them; position: the 3x3 cell of the object's box centre; size: its longer side against 0.4 of the image; all: the four at once."}
+{follow_report["num"]} held-out scenes (data seed 1), their {asked} asked for, one sample each, DDIM {follow_report["steps"]} steps, seed {follow_report["seed"]}; the same scoring on the real images is the ceiling.
+{scoring}
 
 {table}
 `w` is the classifier-free guidance scale (1: none, the conditional model alone; 0: the unconditional model).
