@@ -142,15 +142,16 @@ def write_card(name: str, folder=None) -> Path:
     rows_text = f"real images of the asked {asked} (top), samples at w = 1 (middle) and w = 3 (bottom)"
     card = f"""# Model card: `{name}.safetensors`
 
-A latent diffusion model (Rombach et al. 2022) for the course's 32x32 shapes, {DESCRIPTION[kind]}. It diffuses in the
-8x8x3 latent of the shipped KL autoencoder of chapter 05 (`ae-kl-f4-shapes`), scaled by its stored factor
-s = {ldm.scale_factor.item():.4f}. Chapter 06 samples it.
+A latent diffusion model (Rombach et al. 2022) for the course's 32x32 shapes, {DESCRIPTION[kind]}.
+
+It diffuses in the 8x8x3 latent of the shipped KL autoencoder of chapter 05 (`ae-kl-f4-shapes`), scaled by its stored
+factor s = {ldm.scale_factor.item():.4f}. Chapter 06 samples it.
 
 | | |
 |---|---|
 | file | `{name}.safetensors`, {(folder / f"{name}.safetensors").stat().st_size / 1e6:.1f} MB: `model.*` = the EMA weights of the whole `LatentDiffusion` (UNet `model.diffusion_model.*`, conditioner `cond_stage_model.*`, a copy of the first stage `first_stage_model.*`, `scale_factor`); the tokenizer and the first stage's settings in its metadata. Load with `minildm.latent.load(path)` |
 | preset | `{name}`; train and score: `{report["command"]}` |
-| network | UNet {counts["UNet"]:,} parameters (ch {u.channels}, mult {",".join(map(str, u.channel_mult))}, {u.num_res_blocks} res block per level, SpatialTransformer at 8x8 and 4x4, {u.num_head_channels} channels per head, context {u.context_dim}); conditioner {counts["conditioner"]:,}; first stage {counts["first stage"]:,} (frozen) |
+| network | UNet {counts["UNet"]:,} parameters (ch {u.channels}, mult {",".join(f"{m:g}" for m in u.channel_mult)}, {u.num_res_blocks} res block per level, SpatialTransformer at 8x8 and 4x4, {u.num_head_channels} channels per head, context {u.context_dim}); conditioner {counts["conditioner"]:,}; first stage {counts["first stage"]:,} (frozen) |
 | process | LDM's: T = 1000, sqrt-linear betas {config.diffusion.beta_start:g} to {config.diffusion.beta_end:g}, eps prediction, L2 loss with Min-SNR-{config.diffusion.snr_gamma:g} weighting |
 | training | {t.max_steps:,} steps of batch {t.batch_size} on latents encoded once (posterior means of {config.data.num_samples:,} shapes, {report["encode_seconds"]:.0f} s), AdamW lr {t.lr:g} (warm-up {t.warmup_steps}, cosine over the last {t.lr_decay_steps:,} steps), EMA {t.ema_decay:g} with warm-up, condition dropout {t.cond_dropout:g} (classifier-free guidance) |
 | time | {minutes} min {seconds} s wall on one thread of a 2-core {report["machine"]} CPU (other runs shared the machine) |
@@ -167,10 +168,45 @@ s = {ldm.scale_factor.item():.4f}. Chapter 06 samples it.
 {table}
 `w` is the classifier-free guidance scale (1: none, the conditional model alone; 0: the unconditional model).
 {f"Scores from `{follow_report['command']}`." if "command" in follow_report else ""}
-"""
+{against_pixels(kind)}"""
     path = folder / f"{name}.md"
     path.write_text(card)
     return path
+
+
+def against_pixels(kind: str) -> str:
+    """The cards' section on latent against pixel space, from data/results/ldm_cost.json and ldm_vs_pixel.json."""
+    cost_path, quality_path = RESULTS / "ldm_cost.json", RESULTS / "ldm_vs_pixel.json"
+    if kind == "layout" or not cost_path.is_file():
+        return ""
+    c = json.loads(cost_path.read_text())
+    mine, pixel = c[f"latent_{kind}"], c["pixel"]
+    text = f"""
+## Against pixel space
+
+Against the shipped class-conditional pixel UNet `ddpm-shapes-cond` (32x32x3, {pixel["params"]:,} parameters), on one
+thread, measured side by side (`{c["command"]}`): a training step of batch {c["batch"]} takes
+{1000 * mine["step_seconds"]:.0f} ms here against {1000 * pixel["step_seconds"]:.0f} ms ({mine["step_ratio"]:.1f}x
+faster), a sample (DDIM {c["steps"]} steps, decoding included) {1000 * mine["sample_seconds"]:.0f} ms against
+{1000 * pixel["sample_seconds"]:.0f} ms ({mine["sample_ratio"]:.1f}x), with {mine["params"]:,} trained parameters on
+{mine["values_per_image"]} numbers per image instead of {pixel["values_per_image"]:,}. Encoding the training set once
+costs {1000 * c["encode_seconds_per_image"]:.1f} ms per image.
+"""
+    if kind == "class" and quality_path.is_file():
+        q = json.loads(quality_path.read_text())
+        rows = "".join(f"| {label} | {q['pixel'][key]:.3f} | {q['latent'][key]:.3f} |\n" for label, key in (
+            ("Fréchet distance (floor {:.1f})".format(q["pixel"]["frechet_distance_floor"]), "frechet_distance_to_real"),
+            ("precision", "precision"), ("recall", "recall"), ("requested kind", "requested_kind_accuracy"),
+            ("confident", "confident_fraction")))
+        text += f"""
+Sample quality at equal N ({q["num"]} samples each, kinds i mod 5, DDIM {q["steps"]} steps, no guidance; on
+shapes-evaluator features, not FID; `{q["command"]}`):
+
+| | pixel UNet | this model |
+|---|---|---|
+{rows}| training images | {q["pixel"]["train_images"]:,} | {q["latent"]["train_images"]:,} |
+"""
+    return text
 
 
 def load_shipped(name: str, folder=None) -> latent.LatentDiffusion:
