@@ -441,6 +441,12 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
 
     own_model = model is not None
     config_lib.validate(config, own_data=dataset is not None or own_model)
+    if config.latent.first_stage and not own_model:
+        raise config_lib.ConfigError(
+            f"latent.first_stage={config.latent.first_stage!r}: a latent diffusion model trains on latents, as a "
+            "whole model: build it with minildm.latent.build(config), encode the data with latent.training_data "
+            "and pass both (train(config, dataset=..., model=...)); the course's shapes LDMs: python -m "
+            "minildm.experiments.latent ship <preset>")
     cfg = config.train
     total_steps = cfg.max_steps if max_steps is None else max_steps
     if not isinstance(total_steps, int) or total_steps < 0:
@@ -789,12 +795,19 @@ def save_grid(samples: torch.Tensor, path) -> Path:
 
 
 def save_samples(ema, diffusion, config, path, *, seed=0, num=None, steps=25) -> Path:
-    """A grid of `num` (default config.sample.num_samples, at most 64) EMA samples, 25 DDIM steps.
+    """A grid of `num` (default config.sample.num_samples, at most 64) EMA samples, 25 DDIM steps (a latent
+    diffusion model: decoded, unconditional samples).
 
     Runs under `torch.random.fork_rng`, so sampling never changes the training run's random stream.
     """
     num = num or min(config.sample.num_samples, 64)
     device = next(ema.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        samples = generate(ema, diffusion, config, num, steps=steps, seed=seed)
+        if getattr(ema, "trains_on_latents", False):  # latent diffusion: decoded samples of the null condition
+            from minildm import latent
+
+            null = ema.null(num) if ema.cond_stage_model is not None else None
+            samples = latent.sample(ema, diffusion, null, num=num, steps=steps, seed=seed)
+        else:
+            samples = generate(ema, diffusion, config, num, steps=steps, seed=seed)
     return save_grid(samples, path)

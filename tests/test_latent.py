@@ -297,3 +297,16 @@ def test_a_clip_conditioned_model_samples_with_guidance_on_token_ids():
                                    ldm.unet(torch.zeros(3, 2, 8, 8), torch.tensor([1, 2, 3]), context=clip(ids)))
     images = latent.sample(ldm, minildm.build_diffusion(config), ids, steps=2, guidance_scale=7.5, sampler="plms")
     assert images.shape == (3, 3, 16, 16) and not any(p.requires_grad for p in clip.parameters())
+
+
+def test_a_latent_preset_is_not_trained_as_a_pixel_unet_and_training_grids_are_decoded(tmp_path):
+    with pytest.raises(ConfigError, match="a latent diffusion model trains on latents, as a whole model"):
+        train.train(presets.get("ldm-shapes-class"), max_steps=1)
+    ldm = tiny_ldm()
+    config = ldm.config
+    config.train.sample_every, config.sample.num_samples = 1, 4
+    train.train(config, dataset=(torch.randn(8, 2, 8, 8), torch.randint(0, 3, (8,))), model=ldm, out_dir=tmp_path,
+                max_steps=1, verbose=False)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "samples" / "step_0000001.png").size == (38, 38)  # 2x2 images of 16x16, padding 2
