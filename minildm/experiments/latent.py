@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "data" / "results"
 ATTRIBUTES = ("kind", "color", "position", "size")
 
 
-LAYOUT_GRID = 16  # the layout model's lattice: 16 x 16 corner positions, 2 pixels apart at 32 x 32
+LAYOUT_GRID = 8  # the layout model's lattice: 8 x 8 corner positions, 32 / 7 pixels apart at 32 x 32
 
 
 def shapes_data(config, train_split: bool = True) -> data.ShapesDataset:
@@ -99,7 +99,7 @@ DESCRIPTION = {
     "text": "text-to-image: a caption ('a large red circle on the left') becomes 8 word tokens (`WordTokenizer`, "
             "26 words) and LDM's `TransformerEmbedder` (2 layers, width 64, trained with the UNet) turns them into "
             "8 context tokens; the empty caption is the null condition",
-    "layout": "layout-to-image: 1-3 boxes, each (kind, top-left corner, bottom-right corner) on a 16x16 lattice "
+    "layout": "layout-to-image: 1-2 boxes, each (kind, top-left corner, bottom-right corner) on an 8x8 lattice "
               "(`LayoutTokenizer`, LDM's layout tokens), through LDM's `TransformerEmbedder` (2 layers, width 64); "
               "no boxes is the null condition",
 }
