@@ -155,6 +155,7 @@ factor s = {ldm.scale_factor.item():.4f}. Chapter 06 samples it.
 | process | LDM's: T = 1000, sqrt-linear betas {config.diffusion.beta_start:g} to {config.diffusion.beta_end:g}, eps prediction, L2 loss with Min-SNR-{config.diffusion.snr_gamma:g} weighting |
 | training | {t.max_steps:,} steps of batch {t.batch_size} on latents encoded once (posterior means of {config.data.num_samples:,} shapes, {report["encode_seconds"]:.0f} s), AdamW lr {t.lr:g} (warm-up {t.warmup_steps}, cosine over the last {t.lr_decay_steps:,} steps), EMA {t.ema_decay:g} with warm-up, condition dropout {t.cond_dropout:g} (classifier-free guidance) |
 | time | {minutes} min {seconds} s wall on one thread of a 2-core {report["machine"]} CPU (other runs shared the machine) |
+{"".join(f"{chr(10)}- {note}" for note in report.get("notes", []))}
 
 ![samples](./{name}-samples.png)
 
@@ -181,17 +182,15 @@ def against_pixels(kind: str) -> str:
         return ""
     c = json.loads(cost_path.read_text())
     mine, pixel = c[f"latent_{kind}"], c["pixel"]
-    text = f"""
-## Against pixel space
-
-Against the shipped class-conditional pixel UNet `ddpm-shapes-cond` (32x32x3, {pixel["params"]:,} parameters), on one
-thread, measured side by side (`{c["command"]}`): a training step of batch {c["batch"]} takes
-{1000 * mine["step_seconds"]:.0f} ms here against {1000 * pixel["step_seconds"]:.0f} ms ({mine["step_ratio"]:.1f}x
-faster), a sample (DDIM {c["steps"]} steps, decoding included) {1000 * mine["sample_seconds"]:.0f} ms against
-{1000 * pixel["sample_seconds"]:.0f} ms ({mine["sample_ratio"]:.1f}x), with {mine["params"]:,} trained parameters on
-{mine["values_per_image"]} numbers per image instead of {pixel["values_per_image"]:,}. Encoding the training set once
-costs {1000 * c["encode_seconds_per_image"]:.1f} ms per image.
-"""
+    text = ("\n## Against pixel space\n\n"
+            f"Against the shipped class-conditional pixel UNet `ddpm-shapes-cond` (32x32x3, {pixel['params']:,} "
+            f"parameters), on one thread, measured side by side (`{c['command']}`): a training step of batch "
+            f"{c['batch']} takes {1000 * mine['step_seconds']:.0f} ms here against {1000 * pixel['step_seconds']:.0f} "
+            f"ms ({mine['step_ratio']:.1f}x faster), a sample (DDIM {c['steps']} steps, decoding included) "
+            f"{1000 * mine['sample_seconds']:.0f} ms against {1000 * pixel['sample_seconds']:.0f} ms "
+            f"({mine['sample_ratio']:.1f}x), with {mine['params']:,} trained parameters on {mine['values_per_image']} "
+            f"numbers per image instead of {pixel['values_per_image']:,}. Encoding the training set once costs "
+            f"{1000 * c['encode_seconds_per_image']:.1f} ms per image.\n")
     if kind == "class" and quality_path.is_file():
         q = json.loads(quality_path.read_text())
         rows = "".join(f"| {label} | {q['pixel'][key]:.3f} | {q['latent'][key]:.3f} |\n" for label, key in (
