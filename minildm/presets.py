@@ -526,20 +526,20 @@ _ldm_autoencoder("ae-vq-f16", "vq", 69_593_371, (1, 1, 2, 2, 4), (16,), 8, 16384
 # originals' kwargs; `minildm.build_model` builds the UNet, `latent.build` the whole model (first stage:
 # latent.first_stage; conditioner: latent.conditioner). LDM's "linear" betas are linear in sqrt(beta) (minildm's
 # "scaled_linear"). Learning rates are the configs' base_learning_rate: LDM's main.py multiplies it by
-# batch size x GPUs x gradient accumulation (--scale_lr, on by default).
+# batch size x GPUs x gradient accumulation (--scale_lr, on by default). The released files are named in `source`;
+# downloading and loading them by preset name is not wired yet (`latent.load_official_state_dict` loads a state_dict).
 
 def _ldm(name, summary, params, unet_kwargs, first_stage, scale_factor, beta_end, data, batch, lr, result,
-         checkpoint, beta_start=0.0015, latent=None, ema=0.9999):
+         source, beta_start=0.0015, latent=None, ema=0.9999):
     from minildm.config import LatentConfig
     from minildm.unet import config_from_original
 
     return register(Preset(
         name=name,
         summary=summary,
-        source="Rombach et al. 2022; " + checkpoint.split(" ")[0],
+        source="Rombach et al. 2022; " + source,
         params=params,
         result=result,
-        checkpoint=checkpoint,
         config=Config(
             unet=config_from_original(unet_kwargs),
             latent=LatentConfig(first_stage=first_stage, scale_factor=scale_factor, **(latent or {})),
@@ -558,7 +558,7 @@ _ldm("ldm-celebahq256", "LDM-VQ-4 on CelebA-HQ 256: 64x64x3 VQ-f4 latents, ch 22
      dict(image_size=64, in_channels=3, out_channels=3, model_channels=224, attention_resolutions=[8, 4, 2],
           num_res_blocks=2, channel_mult=[1, 2, 3, 4], num_head_channels=32),
      "ae-vq-f4", 1.0, 0.0195, DataConfig(dataset="imagefolder", image_size=256, random_flip=True), 48, 2e-6,
-     "FID 5.11 (Tab. 1, 500 DDIM steps)", "models/ldm/celeba256/config.yaml (celeba.zip)")
+     "FID 5.11 (Tab. 1, 500 DDIM steps)", "models/ldm/celeba256/config.yaml (released as celeba.zip)")
 _ldm("ldm-lsun-churches256", "LDM-KL-8 on LSUN-churches 256: 32x32x4 KL-f8 latents, ch 192, mult 1,2,2,4,4, "
      "attention at every level (8 heads), scale-shift norm, resblock up/down, unconditional; LDM trains it with an "
      "L1 loss (minildm: L2) and scale_by_std (the checkpoint's scale_factor replaces 1.0 on load)", 294_966_916,
@@ -566,7 +566,7 @@ _ldm("ldm-lsun-churches256", "LDM-KL-8 on LSUN-churches 256: 32x32x4 KL-f8 laten
           num_res_blocks=2, channel_mult=[1, 2, 2, 4, 4], num_heads=8, use_scale_shift_norm=True,
           resblock_updown=True),
      "ae-kl-f8", 1.0, 0.0155, DataConfig(dataset="imagefolder", image_size=256, random_flip=True), 96, 5e-5,
-     "FID 4.02 (Tab. 1, 200 DDIM steps, eta 0)", "models/ldm/lsun_churches256/config.yaml (lsun_churches.zip)")
+     "FID 4.02 (Tab. 1, 200 DDIM steps, eta 0)", "models/ldm/lsun_churches256/config.yaml (released as lsun_churches.zip)")
 _ldm("ldm-cin256-v2", "Class-conditional LDM-VQ-4 on ImageNet 256 (cin256-v2): 64x64x3 VQ-f4 latents, ch 192, "
      "mult 1,2,3,5, SpatialTransformer at sides 32,16,8 (1 head), context: ClassEmbedder 1001 x 512 "
      "(index 1000 the null class, classifier-free guidance)", 400_920_579,
@@ -575,7 +575,7 @@ _ldm("ldm-cin256-v2", "Class-conditional LDM-VQ-4 on ImageNet 256 (cin256-v2): 6
           transformer_depth=1, context_dim=512),
      "ae-vq-f4", 1.0, 0.0195, DataConfig(dataset="imagefolder", image_size=256, random_flip=True), 64, 1e-4,
      "FID 3.60, IS 247.67 with classifier-free scale 1.5 (Tab. 3, 250 DDIM steps)",
-     "configs/latent-diffusion/cin256-v2.yaml (cin256-v2 model.ckpt)",
+     "configs/latent-diffusion/cin256-v2.yaml (released as nitro/cin/model.ckpt)",
      latent=dict(conditioner="class", cond_vocab=1001, cond_length=1), ema=0.0)
 _ldm("sd-v1", "Stable Diffusion v1: 64x64x4 KL-f8 latents of 512x512 images, ch 320, mult 1,2,4,4, "
      "SpatialTransformer at sides 64,32,16 (8 heads), context: frozen CLIP ViT-L/14 text encoder (77 x 768, "
@@ -585,7 +585,8 @@ _ldm("sd-v1", "Stable Diffusion v1: 64x64x4 KL-f8 latents of 512x512 images, ch 
           transformer_depth=1, context_dim=768, legacy=False),
      "ae-kl-f8", 0.18215, 0.012, DataConfig(dataset="imagefolder", image_size=512, random_flip=False), 2048, 1e-4,
      "text-to-image at 512x512; FID and CLIP scores in the v1 model card (guidance 1.5-8, 50 PLMS steps)",
-     "configs/stable-diffusion/v1-inference.yaml (sd-v1-*.ckpt)", beta_start=0.00085,
+     "CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml (released as sd-v1-*.ckpt)",
+     beta_start=0.00085,
      latent=dict(conditioner="clip", cond_length=77))
 
 # Latent diffusion in small (chapter 06): 32x32 shapes through the shipped KL-f4 autoencoder of chapter 05

@@ -40,7 +40,7 @@ TOY = ["train.log_every=0", "train.warmup_steps=10", "data.num_samples=512", "tr
     ("toy-2d", ["sample.sampler=euler"], "sample.sampler='euler' is not one of 'ddpm', 'ddim'"),
     ("toy-2d", ["data.toy=spiral"], "data.toy='spiral' is not one of"),
     ("toy-2d", ["model=unet"], "data.dataset='toy2d' holds 2-D points: use model=mlp"),
-    ("toy-shapes", ["train.cond_dropout=0.1"], "train.cond_dropout=0.1 replaces labels by the null class"),
+    ("toy-shapes", ["train.cond_dropout=0.1"], "train.cond_dropout=0.1 replaces conditions by the null one"),
     ("toy-shapes", ["unet.null_class=true"], "unet.null_class=True needs a class-conditional network"),
     ("toy-shapes", ["unet.norm_groups=5"], "unet.norm_groups=5 must divide every level's width [32, 64]"),
     ("toy-shapes", ["diffusion.model_var_type=learned_range", "diffusion.loss_type=hybrid"],
