@@ -3,13 +3,17 @@ cost of latent against pixel space.
 
     python -m minildm.experiments.latent ship ldm-shapes-class      # train, score, write data/checkpoints/<name>.*
     python -m minildm.experiments.latent ship ldm-shapes-text
-    python -m minildm.experiments.latent follow ldm-shapes-text --num 500 --scales 1,2,3,5
+    python -m minildm.experiments.latent ship ldm-shapes-layout
+    python -m minildm.experiments.latent follow ldm-shapes-text --num 500 --scales 0,1,2,3,5
+    python -m minildm.experiments.latent card ldm-shapes-text       # rewrite a model card from its scores
     python -m minildm.experiments.latent cost                       # latent vs pixel: s / training step, s / sample
     python -m minildm.experiments.latent quality --num 500          # latent vs pixel: scores of the shipped models
 
 Caption following is read off each sample by the course's shapes evaluator (kind, colour) and by its pixels
-(position: the 3x3 cell of the object's centroid; size: its area against the small/large threshold), and compared
-with what the caption asked for. The same scoring on real images of those captions is the ceiling.
+(position: the 3x3 cell of the centre of the object's bounding box; size: the box's longer side against the
+small/large threshold), and compared with what the caption asked for; layouts by the IoU of the lit pixels with
+the boxes and the evaluator's kind in each box (`box_scores`). The same scoring on real images of those
+conditions is the ceiling.
 """
 
 from __future__ import annotations
@@ -32,8 +36,6 @@ from minildm.layers import count_parameters
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "data" / "checkpoints"
 RESULTS = Path(__file__).resolve().parents[2] / "data" / "results"
 ATTRIBUTES = ("kind", "color", "position", "size")
-
-
 LAYOUT_GRID = 8  # the layout model's lattice: 8 x 8 corner positions, 32 / 7 pixels apart at 32 x 32
 
 
