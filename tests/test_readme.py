@@ -1,4 +1,4 @@
-"""The README's "minildm in an assignment" example runs as written (with fewer training steps)."""
+"""The README's "minildm in an assignment" examples run as written (with fewer training steps)."""
 
 import re
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def assignment_example() -> str:
-    section = README.read_text().split("## minildm in an assignment", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def assignment_example(index: int = 0) -> str:
+    section = README.read_text().split("## minildm in an assignment", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[index]
 
 
 def test_the_assignment_example_trains_samples_and_scores(tmp_path, monkeypatch, capsys):
@@ -22,3 +22,14 @@ def test_the_assignment_example_trains_samples_and_scores(tmp_path, monkeypatch,
     assert (tmp_path / "runs" / "assignment" / "samples.png").is_file()
     confident, distance, precision, recall = (float(v) for v in capsys.readouterr().out.split()[-4:])
     assert 0 <= confident <= 1 and distance > 0 and 0 <= precision <= 1 and 0 <= recall <= 1
+
+
+def test_the_latent_diffusion_example_trains_and_samples(tmp_path, monkeypatch):
+    code = assignment_example(1)
+    assert "latent.training_data" in code and "latent.sample" in code
+    monkeypatch.chdir(tmp_path)
+    fast = code.replace("config.train.max_steps = 2000", "config.train.max_steps = 5").replace(
+        "ShapesDataset(2_000", "ShapesDataset(200")
+    assert fast.count("max_steps = 5") == 1 and "ShapesDataset(200," in fast
+    exec(compile(fast, "README.md", "exec"), {})
+    assert (tmp_path / "runs" / "assignment-ldm" / "samples.png").is_file()
