@@ -206,6 +206,7 @@ class TrainConfig:
     """The training loop: AdamW, linear warmup, clipping, EMA, mixed precision, checkpoints."""
 
     batch_size: int = 128  # global batch, split across DDP processes
+    grad_accum: int = 1  # micro-batches per optimizer step: each holds batch_size / (grad_accum * processes)
     lr: float = 2e-4
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -218,7 +219,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     cond_dropout: float = 0.0  # probability that a label is replaced by the null class (needs unet.null_class)
     ema_warmup: bool = True  # decay min(ema_decay, (1+k)/(10+k)) at step k (LDM's LitEma): no random init kept
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (CPU too) | fp16 (CUDA; fp32 on CPU)
     channels_last: bool = True  # only used on CUDA
     compile: bool = False
     seed: int = 0
@@ -455,6 +456,11 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
 
     t = config.train
     count("train.batch_size", t.batch_size)
+    count("train.grad_accum", t.grad_accum)
+    need(not (isinstance(t.grad_accum, int) and isinstance(t.batch_size, int) and t.grad_accum >= 1)
+         or t.batch_size % t.grad_accum == 0,
+         "train.grad_accum", t.grad_accum, f"must divide train.batch_size={t.batch_size} (each micro-batch holds "
+         "batch_size / grad_accum examples, per process batch_size / (grad_accum * processes)); change either")
     number("train.lr", t.lr, 0, open_low=True)
     choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     number("train.lr_final", t.lr_final, 0, t.lr if math.isfinite(t.lr) else None)
