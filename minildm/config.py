@@ -188,9 +188,9 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    """Which dataset and how it is presented; datasets live in `root`/<name>/."""
+    """Which dataset and how it is presented; datasets live in `root`/<name>/ (the papers' sets: `minildm.prepare`)."""
 
-    dataset: str = "shapes"  # shapes | toy2d | cifar10 | mnist | imagefolder
+    dataset: str = "shapes"  # shapes | toy2d | cifar10 | mnist | imagefolder | lsun | imagenet | celebahq
     root: str = "data"
     image_size: int = 32
     random_flip: bool = True
@@ -198,7 +198,8 @@ class DataConfig:
     toy: str = "moons"  # 2-D toy distribution, used when dataset == "toy2d"
     num_samples: int = 10_000  # size of the procedural datasets (shapes, toy2d)
     max_objects: int = 1  # shapes: 1..max_objects objects per image (more than one: small ones, in distinct cells)
-    path: str = ""  # folder of images for dataset == "imagefolder"
+    path: str = ""  # folder of images for imagefolder; for lsun / imagenet / celebahq it replaces the default folder
+    category: str = ""  # LSUN category (church_outdoor, bedroom, cat, horse, ...), used when dataset == "lsun"
 
 
 @dataclass
