@@ -27,16 +27,21 @@ sharing is saved without the optimizer (`save(path, model, config, ema=ema)`), a
     >>> model, config, ema, step, metadata = checkpoints.load("run.safetensors")
 
 Official checkpoints (guided-diffusion, improved-diffusion) are pickled `.pt` state dicts, latent-diffusion's
-first stages zipped Lightning checkpoints:
-`load_official("adm-imagenet64")` downloads the preset's file (or finds it where you put it),
-reads it with `torch.load(weights_only=True)`, converts the keys and loads them strictly.
+first stages zipped Lightning checkpoints, its cin256-v2 model and Stable Diffusion v1-4 Lightning `.ckpt` files:
+`load_official("adm-imagenet64")` downloads the preset's file (or finds it where you put it), checks its size and
+SHA-256 (`fetch_official`, `verify_official`), reads it with `torch.load(weights_only=True)`, converts the keys
+and loads them strictly (`latent.load_official` for the latent diffusion presets).
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import os
+import pickle
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from pathlib import Path
@@ -69,6 +74,31 @@ OFFICIAL_URLS = {
     # latent-diffusion's first stages (README, scripts/download_first_stages.sh): a zip holding model.ckpt
     **{f"{name}.zip": f"https://ommer-lab.com/files/latent-diffusion/{name}.zip" for name in (
         "kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f8-n256", "vq-f16")},
+    # whole latent diffusion models (Lightning .ckpt): latent-diffusion's cin256-v2 (README and
+    # scripts/latent_imagenet_diffusion.ipynb, which saves it as models/ldm/cin256-v2/model.ckpt) and Stable
+    # Diffusion v1-4 (CompVis README; a gated Hugging Face repository: accept its licence and log in first)
+    "cin256-v2.ckpt": "https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt",
+    "sd-v1-4.ckpt": "https://huggingface.co/CompVis/stable-diffusion-v-1-4-original/resolve/main/sd-v1-4.ckpt",
+}
+
+
+class Published(NamedTuple):
+    """Size in bytes and SHA-256 of a released file as its publisher states them (None: not stated)."""
+
+    size: int | None
+    sha256: str | None
+    source: str
+
+
+# Only two released files have published figures; every other file is checked against its Content-Length at
+# download, a lower bound on its size from the parameter count, and the SHA-256 recorded when it was downloaded.
+PUBLISHED = {
+    "sd-v1-4.ckpt": Published(4_265_380_512, "fe4efff1e174c627256e44ec2991ba279b3816e364b49f9be2abc0b3ff3f8556",
+                              "Git LFS pointer of sd-v1-4.ckpt, huggingface.co/CompVis/stable-diffusion-v-1-4-original "
+                              "commit 6647636 (the file page shows the same SHA-256, 4.27 GB)"),
+    "cin256-v2.ckpt": Published(1_827_378_153, None,
+                                "wget log of the download in CompVis/latent-diffusion "
+                                "scripts/latent_imagenet_diffusion.ipynb (Length: 1827378153); no checksum published"),
 }
 
 
@@ -379,7 +409,7 @@ def _unwrap(module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Official checkpoints (guided-diffusion / improved-diffusion)
+# Official checkpoints: download, verification, reading
 
 
 def official_dir() -> Path:
@@ -400,9 +430,15 @@ def official_url(name: str) -> str:
 
 
 def fetch_official(name: str, *, directory=None) -> Path:
-    """Path of the official checkpoint of preset `name`, downloading it on first use.
+    """Path of the official checkpoint of preset `name` (or of a released file name), downloading it on first use.
 
-    Offline, raises `ConnectionError` naming the URL and where to put the file by hand.
+    A download is checked as it arrives: the bytes received against the server's Content-Length, the size and
+    SHA-256 the publisher states (`PUBLISHED`: sd-v1-4.ckpt both, cin256-v2.ckpt the size, no other file any),
+    and the size against `minimum_size`. Its SHA-256 is then written beside it (`<file>.sha256`, in the format
+    of `sha256sum`), and `verify_official` checks the file against it on every later load. A file that is
+    already there is returned as it is (put one there by hand to skip the download).
+    Offline, raises `ConnectionError` naming the URL and where to put the file by hand; a download that fails
+    a check raises `CheckpointError`; neither leaves a file behind.
     """
     filename = _official_filename(name)
     url = OFFICIAL_URLS[filename]
@@ -416,49 +452,150 @@ def fetch_official(name: str, *, directory=None) -> Path:
         ignore.write_text("*\n")
     tmp = path.with_name(f".{filename}.part{os.getpid()}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-            from minildm.progress import progress
-
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with progress(total=total, unit="B", unit_scale=True, desc=filename) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+        digest, received, expected = _download(url, tmp, filename)
+        if expected is not None and received != expected:
+            raise CheckpointError(f"the download of {filename} from {url} stopped early: {received:,} of "
+                                  f"{expected:,} bytes (its Content-Length). Run the command again to download it")
+        _check_size(tmp, filename, received, where=f"the file downloaded from {url}")
+        _check_published_sha256(filename, digest, where=f"the file downloaded from {url}")
         os.replace(tmp, path)
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as error:
+        hint = ""
+        if isinstance(error, urllib.error.HTTPError) and error.code in (401, 403) and "huggingface.co" in url:
+            hint = (f" The repository is gated: accept its licence at {url.split('/resolve/')[0]} while logged in, "
+                    "then set HF_TOKEN to a Hugging Face access token and run again.")
         raise ConnectionError(
-            f"could not download the official checkpoint {filename} from {url} ({error}). "
+            f"could not download the official checkpoint {filename} from {url} ({error}).{hint} "
             f"Download it by hand and put it at {path} (or set MINILDM_CHECKPOINTS to the folder that "
             "holds it)") from None
     finally:
         tmp.unlink(missing_ok=True)
+    _sidecar(path).write_text(f"{digest}  {filename}\n")
     return path
+
+
+def _download(url: str, target: Path, filename: str) -> tuple[str, int, int | None]:
+    """Stream `url` into `target`, hashing as it arrives; returns (SHA-256 hex, bytes received, Content-Length)."""
+    from minildm.progress import progress
+
+    request = urllib.request.Request(url, headers={"User-Agent": f"minildm/{minildm.__version__}"})
+    if urllib.parse.urlparse(url).hostname == "huggingface.co" and os.environ.get("HF_TOKEN"):
+        # gated repositories want the user's token; it is not sent on to the storage the download redirects to
+        request.add_unredirected_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    digest, received = hashlib.sha256(), 0
+    with urllib.request.urlopen(request, timeout=60) as response, open(target, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with progress(total=total, unit="B", unit_scale=True, desc=filename) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    return digest.hexdigest(), received, total
+
+
+def verify_official(path, name: str | None = None) -> str:
+    """Check an official file before it is loaded; returns its SHA-256 (hex).
+
+    name: its preset or released file name (default: the file's name). Checked: the size (the published one,
+    else `minimum_size`), then the SHA-256 (the published one, and the one recorded at download in
+    `<file>.sha256`). A file put there by hand without a record gets one now, so later loads are checked
+    against it. Raises `CheckpointError` saying to delete the file and download it again. Hashing reads the
+    whole file (a few seconds for Stable Diffusion's 4.3 GB).
+    """
+    path = Path(path)
+    filename = _official_filename(name) if name is not None else path.name
+    _check_size(path, filename, path.stat().st_size, where=str(path))
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    digest = digest.hexdigest()
+    _check_published_sha256(filename, digest, where=str(path))
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        sidecar.write_text(f"{digest}  {path.name}\n")
+        return digest
+    recorded = (sidecar.read_text().split() or [""])[0].lower()
+    if recorded != digest:
+        raise CheckpointError(f"{path} is not the file that was downloaded: its SHA-256 is {digest}, {sidecar.name} "
+                              f"recorded {recorded or 'nothing'}. It is corrupted or was replaced: delete both files "
+                              "and download it again")
+    return digest
+
+
+def minimum_size(filename: str) -> int | None:
+    """A lower bound on the size in bytes of released file `filename`: 4 bytes (float32) per parameter of the
+    networks a preset builds from it (the UNet or classifier; for latent diffusion also its first stage), from
+    the presets' exact counts (tested against the manifests of tests/reference). All the released files listed
+    here hold float32 weights (guided- and improved-diffusion save their fp32 master weights; sd-v1-4.ckpt is
+    4,265,380,512 bytes for 1.07 B parameters). None for zip archives (compressed) and for files no preset uses."""
+    if filename.endswith(".zip"):
+        return None
+    counts = []
+    for name in presets.names():
+        preset = presets.info(name)
+        if preset.checkpoint != filename or preset.params is None:
+            continue
+        first_stage = preset.config.latent.first_stage
+        if first_stage in presets.names():
+            counts.append(preset.params + (presets.info(first_stage).params or 0))
+        else:
+            counts.append(preset.params)
+    return 4 * min(counts) if counts else None
+
+
+def _check_size(path, filename: str, size: int, *, where: str) -> None:
+    published = PUBLISHED.get(filename)
+    if published is not None and published.size is not None and size != published.size:
+        raise CheckpointError(f"{where} has {size:,} bytes but the released {filename} has {published.size:,} "
+                              f"({published.source}): it is truncated or another file. Delete {path} and "
+                              "download it again")
+    minimum = minimum_size(filename)
+    if minimum is not None and size < minimum:
+        raise CheckpointError(f"{where} has {size:,} bytes, fewer than the {minimum:,} that the float32 weights of "
+                              f"{filename} take (4 bytes per parameter): it is truncated or another file. Delete "
+                              f"{path} and download it again")
+
+
+def _check_published_sha256(filename: str, digest: str, *, where: str) -> None:
+    published = PUBLISHED.get(filename)
+    if published is not None and published.sha256 is not None and digest != published.sha256:
+        raise CheckpointError(f"{where} is not the released {filename}: its SHA-256 is {digest}, the publisher's is "
+                              f"{published.sha256} ({published.source}). Delete it and download it again")
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def load_official(name: str, *, path=None, device="cpu", directory=None):
     """Build preset `name` and load its official weights strictly; returns (model, config), eval mode.
 
-    path: a local copy of the released `.pt` file (skips the download).
+    The file is found or downloaded by `fetch_official` and checked by `verify_official` first. path: your own
+    copy of the released file (loaded as it is: strict loading still checks every key and shape). A latent
+    diffusion preset (ldm-cin256-v2, sd-v1) returns its whole `minildm.latent.LatentDiffusion`.
     """
     config = presets.get(name)
-    path = Path(path) if path is not None else fetch_official(name, directory=directory)
-    return load_official_file(path, config, device=device), config
+    if config.latent.first_stage:
+        from minildm import latent
+
+        return latent.load_official(name, path=path, device=device, directory=directory), config
+    if path is None:
+        path = fetch_official(name, directory=directory)
+        verify_official(path, name)
+    try:
+        return load_official_file(path, config, device=device), config
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}\n{path} does not hold the released weights of preset {name!r} (is it another "
+                              "model's file?): delete it and download it again") from None
 
 
 def load_official_file(path, config, *, device="cpu"):
     """Load an official file into `build_model(config)`, strictly: a guided-/improved-diffusion `.pt` state
     dict, or a latent-diffusion first stage (the `.zip` of the model zoo, or the `model.ckpt` inside it, a
     Lightning checkpoint whose "state_dict" also holds the training-only `loss.*` weights, which are dropped)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".zip":
-            path = _extract_ckpt(path)
-        state_dict = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # truncated zip, pickle with code, wrong file
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
-                              "it may be truncated: delete it and download it again") from None
-    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]  # a Lightning checkpoint (latent-diffusion)
+    state_dict = read_official_state_dict(path, device=device)
     from minildm import autoencoder, unet
 
     model = minildm.build_model(config, device=device)
@@ -466,6 +603,52 @@ def load_official_file(path, config, *, device="cpu"):
         else unet.convert_official_state_dict
     load_weights(model, convert(state_dict), source=str(path))
     return model.eval()
+
+
+class _Inert:
+    """Stands in for a pickled object that is not a weight (Lightning's ModelCheckpoint callback, numpy scalars
+    of the training loop's state): built from nothing, it runs no code of the file's."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def read_official_state_dict(path, *, device="cpu") -> dict:
+    """The state_dict {name: tensor} of an official file: a guided-/improved-diffusion `.pt`, a latent-diffusion
+    model-zoo `.zip` (the model.ckpt inside) or a Lightning `.ckpt` (its "state_dict").
+
+    Read with `torch.load(weights_only=True)`, so no code in the file runs. Lightning checkpoints also pickle
+    their callbacks (pytorch_lightning's ModelCheckpoint, numpy scalars), which the weights-only reader refuses:
+    those names are read as inert placeholders (`_Inert`), never imported, and everything outside "state_dict"
+    is dropped. Raises `CheckpointError` for a truncated or unreadable file.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".zip":
+            path = _extract_ckpt(path)
+        try:
+            loaded = torch.load(path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError:
+            placeholders = [(_Inert, name) for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
+            with torch.serialization.safe_globals(placeholders):
+                loaded = torch.load(path, map_location=device, weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as error:  # truncated zip, wrong file
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}); "
+                              "it may be truncated: delete it and download it again") from None
+    state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} holds a {type(state_dict).__name__}, not a state_dict of tensors; is it an "
+                              "official checkpoint? Delete it and download it again")
+    others = [key for key, value in state_dict.items() if not torch.is_tensor(value)]
+    if others:
+        raise CheckpointError(f"{path}: {len(others)} entries of its state_dict are not tensors (first: {others[0]}); "
+                              "it is not an official checkpoint. Delete it and download it again")
+    return state_dict
 
 
 # A latent-diffusion / Stable Diffusion checkpoint ('state_dict' of a Lightning .ckpt) holds the whole

@@ -221,7 +221,7 @@ register(Preset(
 ))
 
 
-def _ddpm256(name, dataset, steps, result, flip=True):
+def _ddpm256(name, dataset, steps, result, data, flip=True):
     # The 256x256 models use the older GaussianDiffusion (diffusion_utils.py): posterior variance.
     return register(Preset(
         name=name,
@@ -234,7 +234,7 @@ def _ddpm256(name, dataset, steps, result, flip=True):
                             attention_resolutions=(16,), dropout=0.0),
             diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                                       model_var_type="fixed_small"),
-            data=DataConfig(dataset="imagefolder", image_size=256, random_flip=flip),
+            data=DataConfig(**data, image_size=256, random_flip=flip),
             train=TrainConfig(batch_size=64, lr=2e-5, warmup_steps=5000, max_steps=steps, ema_decay=0.9999,
                               out_dir=f"runs/{name}"),
             sample=SampleConfig(num_samples=16, batch_size=16),
@@ -242,10 +242,12 @@ def _ddpm256(name, dataset, steps, result, flip=True):
     ))
 
 
-_ddpm256("ddpm-celebahq256", "CelebA-HQ", 500_000, "samples only (no FID reported)")
-_ddpm256("ddpm-lsun-church256", "LSUN Church", 1_200_000, "FID 7.89")
-_ddpm256("ddpm-lsun-bedroom256", "LSUN Bedroom", 2_400_000, "FID 6.36 (114M model)", flip=False)
-_ddpm256("ddpm-lsun-cat256", "LSUN Cat", 1_800_000, "FID 19.75")
+_ddpm256("ddpm-celebahq256", "CelebA-HQ", 500_000, "samples only (no FID reported)", dict(dataset="celebahq"))
+_ddpm256("ddpm-lsun-church256", "LSUN Church", 1_200_000, "FID 7.89",
+         dict(dataset="lsun", category="church_outdoor"))
+_ddpm256("ddpm-lsun-bedroom256", "LSUN Bedroom", 2_400_000, "FID 6.36 (114M model)",
+         dict(dataset="lsun", category="bedroom"), flip=False)
+_ddpm256("ddpm-lsun-cat256", "LSUN Cat", 1_800_000, "FID 19.75", dict(dataset="lsun", category="cat"))
 
 # ---------------------------------------------------------------------------------------------
 # Improved DDPM, Nichol & Dhariwal 2021 (improved-diffusion README flags): cosine schedule,
@@ -282,7 +284,8 @@ register(Preset(
     config=Config(
         unet=UNetConfig(image_size=64, channels=128, channel_mult=(1, 2, 3, 4), dropout=0.0, **_IDDPM_UNET),
         diffusion=DiffusionConfig(**_IDDPM_DIFFUSION),
-        data=DataConfig(dataset="imagefolder", image_size=64, random_flip=False),
+        # the downsampled ImageNet 64x64 of image-net.org ("Train (64x64)"), not ILSVRC centre crops
+        data=DataConfig(dataset="imagefolder", path="data/imagenet64_downsampled", image_size=64, random_flip=False),
         train=TrainConfig(batch_size=128, lr=1e-4, warmup_steps=0, max_steps=1_500_000, ema_decay=0.9999,
                           out_dir="runs/iddpm-imagenet64"),
     ),
@@ -301,7 +304,7 @@ register(Preset(
         unet=UNetConfig(image_size=64, channels=192, channel_mult=(1, 2, 3, 4), dropout=0.0, num_classes=1000,
                         **{**_IDDPM_UNET, "time_scale": 1.0}),
         diffusion=DiffusionConfig(**_IDDPM_DIFFUSION, hybrid_lambda=1 / 4000),
-        data=DataConfig(dataset="imagefolder", image_size=64, random_flip=False),
+        data=DataConfig(dataset="imagenet", image_size=64, random_flip=False),
         train=TrainConfig(batch_size=2048, lr=3e-4, warmup_steps=0, max_steps=250_000, ema_decay=0.9999,
                           out_dir="runs/iddpm-imagenet64-cond"),
     ),
@@ -319,7 +322,7 @@ register(Preset(
                         attention_resolutions=(16,), num_heads=1, dropout=0.0, learn_sigma=True),
         diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="learned_range",
                                   loss_type="hybrid"),
-        data=DataConfig(dataset="imagefolder", image_size=256, random_flip=False),
+        data=DataConfig(dataset="lsun", category="bedroom", image_size=256, random_flip=False),
         train=TrainConfig(batch_size=128, lr=1e-4, warmup_steps=0, max_steps=1_200_000, ema_decay=0.9999,
                           out_dir="runs/iddpm-lsun-bedroom256"),
     ),
@@ -338,7 +341,7 @@ register(Preset(
                         dropout=0.0, num_classes=1000, super_res=True, time_scale=1000 / 4000),
         diffusion=DiffusionConfig(num_timesteps=4000, beta_schedule="linear", model_var_type="learned_range",
                                   loss_type="hybrid"),
-        data=DataConfig(dataset="imagefolder", image_size=256),
+        data=DataConfig(dataset="imagenet", image_size=256),
         train=TrainConfig(batch_size=256, lr=3e-4, warmup_steps=0, max_steps=500_000, ema_decay=0.9999,
                           out_dir="runs/iddpm-upsampler-64-256"),
     ),
@@ -360,7 +363,7 @@ def _adm(name, summary, params, result, checkpoint, unet, train, diffusion=None,
         config=Config(
             unet=UNetConfig(**{**_ADM_UNET, **unet}),
             diffusion=DiffusionConfig(**{**_ADM_DIFFUSION, **(diffusion or {})}),
-            data=data or DataConfig(dataset="imagefolder", image_size=unet["image_size"], random_flip=True),
+            data=data or DataConfig(dataset="imagenet", image_size=unet["image_size"], random_flip=True),
             train=TrainConfig(warmup_steps=0, ema_decay=0.9999, out_dir=f"runs/{name}", **train),
             sample=SampleConfig(timestep_respacing="250", num_samples=16, batch_size=16),
         ),
@@ -396,7 +399,7 @@ for _animal, _steps, _fid, _flip in (("bedroom", 500_000, "1.90", False), ("cat"
          552_814_086, f"FID {_fid} (ADM, dropout; Tab. 5)", f"lsun_{_animal}.pt",
          dict(image_size=256, channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_head_channels=64, dropout=0.1),
          dict(batch_size=256, lr=1e-4, max_steps=_steps),
-         data=DataConfig(dataset="imagefolder", image_size=256, random_flip=_flip))
+         data=DataConfig(dataset="lsun", category=_animal, image_size=256, random_flip=_flip))
 _adm("adm-upsampler-64-256", "ADM-U 64->256 upsampler: ch 192, 4 heads, class-conditional, low-res input concatenated",
      311_795_910, "FID 3.94 with ADM-G 64x64 base (ADM-G + ADM-U; Tab. 6)", "64_256_upsampler.pt",
      dict(image_size=256, channels=192, channel_mult=(1, 1, 2, 2, 4, 4), num_heads=4, dropout=0.0, num_classes=1000,
@@ -433,7 +436,7 @@ def _adm_classifier(image_size, params, channel_mult, depth, schedule, result, t
                                         use_scale_shift_norm=True, resblock_updown=True, pool="attention",
                                         out_channels=1000),
             diffusion=DiffusionConfig(num_timesteps=1000, beta_schedule=schedule),
-            data=DataConfig(dataset="imagefolder", image_size=image_size, random_flip=True),
+            data=DataConfig(dataset="imagenet", image_size=image_size, random_flip=True),
             train=TrainConfig(warmup_steps=0, ema_decay=0.0, grad_clip=0.0,
                               out_dir=f"runs/adm-classifier{image_size}", **train),
         ),
@@ -527,10 +530,10 @@ _ldm_autoencoder("ae-vq-f16", "vq", 69_593_371, (1, 1, 2, 2, 4), (16,), 8, 16384
 # latent.first_stage; conditioner: latent.conditioner). LDM's "linear" betas are linear in sqrt(beta) (minildm's
 # "scaled_linear"). Learning rates are the configs' base_learning_rate: LDM's main.py multiplies it by
 # batch size x GPUs x gradient accumulation (--scale_lr, on by default). The released files are named in `source`;
-# downloading and loading them by preset name is not wired yet (`latent.load_official_state_dict` loads a state_dict).
+# those with a `checkpoint` download and load by preset name (`latent.load_official("sd-v1")`).
 
 def _ldm(name, summary, params, unet_kwargs, first_stage, scale_factor, beta_end, data, batch, lr, result,
-         source, beta_start=0.0015, latent=None, ema=0.9999):
+         source, beta_start=0.0015, latent=None, ema=0.9999, checkpoint=""):
     from minildm.config import LatentConfig
     from minildm.unet import config_from_original
 
@@ -540,6 +543,7 @@ def _ldm(name, summary, params, unet_kwargs, first_stage, scale_factor, beta_end
         source="Rombach et al. 2022; " + source,
         params=params,
         result=result,
+        checkpoint=checkpoint,
         config=Config(
             unet=config_from_original(unet_kwargs),
             latent=LatentConfig(first_stage=first_stage, scale_factor=scale_factor, **(latent or {})),
@@ -557,7 +561,7 @@ _ldm("ldm-celebahq256", "LDM-VQ-4 on CelebA-HQ 256: 64x64x3 VQ-f4 latents, ch 22
      "32,16,8 (32 ch/head), unconditional", 274_056_163,
      dict(image_size=64, in_channels=3, out_channels=3, model_channels=224, attention_resolutions=[8, 4, 2],
           num_res_blocks=2, channel_mult=[1, 2, 3, 4], num_head_channels=32),
-     "ae-vq-f4", 1.0, 0.0195, DataConfig(dataset="imagefolder", image_size=256, random_flip=True), 48, 2e-6,
+     "ae-vq-f4", 1.0, 0.0195, DataConfig(dataset="celebahq", image_size=256, random_flip=True), 48, 2e-6,
      "FID 5.11 (Tab. 1, 500 DDIM steps)", "models/ldm/celeba256/config.yaml (released as celeba.zip)")
 _ldm("ldm-lsun-churches256", "LDM-KL-8 on LSUN-churches 256: 32x32x4 KL-f8 latents, ch 192, mult 1,2,2,4,4, "
      "attention at every level (8 heads), scale-shift norm, resblock up/down, unconditional; LDM trains it with an "
@@ -565,7 +569,7 @@ _ldm("ldm-lsun-churches256", "LDM-KL-8 on LSUN-churches 256: 32x32x4 KL-f8 laten
      dict(image_size=32, in_channels=4, out_channels=4, model_channels=192, attention_resolutions=[1, 2, 4, 8],
           num_res_blocks=2, channel_mult=[1, 2, 2, 4, 4], num_heads=8, use_scale_shift_norm=True,
           resblock_updown=True),
-     "ae-kl-f8", 1.0, 0.0155, DataConfig(dataset="imagefolder", image_size=256, random_flip=True), 96, 5e-5,
+     "ae-kl-f8", 1.0, 0.0155, DataConfig(dataset="lsun", category="church_outdoor", image_size=256), 96, 5e-5,
      "FID 4.02 (Tab. 1, 200 DDIM steps, eta 0)", "models/ldm/lsun_churches256/config.yaml (released as lsun_churches.zip)")
 _ldm("ldm-cin256-v2", "Class-conditional LDM-VQ-4 on ImageNet 256 (cin256-v2): 64x64x3 VQ-f4 latents, ch 192, "
      "mult 1,2,3,5, SpatialTransformer at sides 32,16,8 (1 head), context: ClassEmbedder 1001 x 512 "
@@ -573,10 +577,11 @@ _ldm("ldm-cin256-v2", "Class-conditional LDM-VQ-4 on ImageNet 256 (cin256-v2): 6
      dict(image_size=64, in_channels=3, out_channels=3, model_channels=192, attention_resolutions=[8, 4, 2],
           num_res_blocks=2, channel_mult=[1, 2, 3, 5], num_heads=1, use_spatial_transformer=True,
           transformer_depth=1, context_dim=512),
-     "ae-vq-f4", 1.0, 0.0195, DataConfig(dataset="imagefolder", image_size=256, random_flip=True), 64, 1e-4,
+     "ae-vq-f4", 1.0, 0.0195, DataConfig(dataset="imagenet", image_size=256, random_flip=True), 64, 1e-4,
      "FID 3.60, IS 247.67 with classifier-free scale 1.5 (Tab. 3, 250 DDIM steps)",
-     "configs/latent-diffusion/cin256-v2.yaml (released as nitro/cin/model.ckpt)",
-     latent=dict(conditioner="class", cond_vocab=1001, cond_length=1), ema=0.0)
+     "configs/latent-diffusion/cin256-v2.yaml (released as ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt, "
+     "saved here as cin256-v2.ckpt)",
+     latent=dict(conditioner="class", cond_vocab=1001, cond_length=1), ema=0.0, checkpoint="cin256-v2.ckpt")
 _ldm("sd-v1", "Stable Diffusion v1: 64x64x4 KL-f8 latents of 512x512 images, ch 320, mult 1,2,4,4, "
      "SpatialTransformer at sides 64,32,16 (8 heads), context: frozen CLIP ViT-L/14 text encoder (77 x 768, "
      "123,060,480 parameters), scale factor 0.18215", 859_520_964,
@@ -585,9 +590,10 @@ _ldm("sd-v1", "Stable Diffusion v1: 64x64x4 KL-f8 latents of 512x512 images, ch 
           transformer_depth=1, context_dim=768, legacy=False),
      "ae-kl-f8", 0.18215, 0.012, DataConfig(dataset="imagefolder", image_size=512, random_flip=False), 2048, 1e-4,
      "text-to-image at 512x512; FID and CLIP scores in the v1 model card (guidance 1.5-8, 50 PLMS steps)",
-     "CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml (released as sd-v1-*.ckpt)",
+     "CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml (released as sd-v1-1 ... sd-v1-4.ckpt; "
+     "the preset loads sd-v1-4.ckpt from huggingface.co/CompVis/stable-diffusion-v-1-4-original)",
      beta_start=0.00085,
-     latent=dict(conditioner="clip", cond_length=77))
+     latent=dict(conditioner="clip", cond_length=77), checkpoint="sd-v1-4.ckpt")
 
 # Latent diffusion in small (chapter 06): 32x32 shapes through the shipped KL-f4 autoencoder of chapter 05
 # (8x8x3 latents, its stored scale factor), a UNet of LDM's design (SpatialTransformer at both levels, cross-attention
