@@ -10,7 +10,9 @@ the 2-D toys return `(point [2], 0)`.
     >>> dataset = data.build_dataset(config.data, train=True)         # dispatches on config.data.dataset
 
 Downloaded datasets land in `<root>/<name>/` (`data/cifar10/`, `data/mnist/`); when a download is
-impossible the error names the URL to fetch and the folder to put it in.
+impossible the error names the URL to fetch and the folder to put it in. The papers' datasets (LSUN, ImageNet,
+CelebA-HQ) are fetched by hand and prepared with `python -m minildm.prepare` (its docstring tables their sources,
+layouts and preprocessing); they are read with ADM's preprocessing (`center_crop_arr`, `ADMTransform`).
 """
 
 from __future__ import annotations
@@ -363,6 +365,142 @@ def photo(image_size: int = 256) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# The papers' datasets: LSUN, ImageNet and CelebA-HQ, read with ADM's preprocessing. They are not
+# downloadable here (size, licences, sign-in); `minildm.prepare` writes and checks the folders they are read from,
+# and its module docstring tables each dataset's source, layout, command and preprocessing.
+
+def center_crop_arr(image, image_size: int):
+    """ADM's resize and centre crop of a PIL image (guided-diffusion `image_datasets.center_crop_arr`).
+
+    Halve both sides with a BOX filter while the shorter side is >= 2 * image_size, resize (BICUBIC) so the
+    shorter side is image_size (sides rounded half to even, as Python's round), then keep the central
+    image_size x image_size square (offsets rounded down). Returns a PIL image; on an image that is already
+    image_size x image_size it changes nothing, so prepared folders read back exactly.
+    """
+    from PIL import Image
+
+    while min(image.size) >= 2 * image_size:  # BOX halving first: better than one large bicubic step
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+def lsun_resize(image, image_size: int):
+    """ADM's LSUN conversion of a PIL image (guided-diffusion `datasets/lsun_bedroom.py`).
+
+    One BOX resize so the shorter side is image_size (sides `int(round(side * scale))`), then the central
+    image_size x image_size square (offsets rounded down).
+    """
+    from PIL import Image
+
+    scale = image_size / min(image.size)
+    image = image.resize(tuple(int(round(side * scale)) for side in image.size), resample=Image.BOX)
+    left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+class ADMTransform:
+    """PIL image -> float tensor [3, image_size, image_size] in [-1, 1], as ADM's `ImageDataset.__getitem__`.
+
+    `crop(image, image_size)` (default `center_crop_arr`), then a horizontal flip with probability 1/2 when
+    random_flip (drawn from torch's generator, so DataLoader workers are seeded), then x / 127.5 - 1 in float32.
+    """
+
+    def __init__(self, image_size: int, random_flip: bool = True, crop=center_crop_arr):
+        self.image_size, self.random_flip, self.crop = image_size, random_flip, crop
+
+    def __call__(self, image) -> torch.Tensor:
+        import numpy as np
+
+        array = np.asarray(self.crop(image.convert("RGB"), self.image_size))  # [H, W, 3] uint8
+        x = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+LSUN_SCENES = ("bedroom", "bridge", "church_outdoor", "classroom", "conference_room", "dining_room", "kitchen",
+               "living_room", "restaurant", "tower")
+
+
+def paper_dataset_folders(name: str, root: str | Path = "data", image_size: int = 256,
+                          category: str = "") -> dict[str, Path]:
+    """Where a paper dataset is looked for, in order: {"prepared": folder written by `minildm.prepare`,
+    "source": the official download, unpacked}. ImageNet's folders hold train/ and val/."""
+    root = Path(root)
+    if name == "lsun":
+        if not category:
+            raise ValueError("data.dataset=lsun needs an LSUN category: set data.category=church_outdoor "
+                             "(or bedroom, cat, horse, ...; the scenes are " + ", ".join(LSUN_SCENES) + ")")
+        export = f"{category}_train_lmdb" if category in LSUN_SCENES else category
+        return {"prepared": root / f"lsun_{category}{image_size}", "source": root / "lsun" / export}
+    if name in ("imagenet", "celebahq"):
+        return {"prepared": root / f"{name}{image_size}", "source": root / name}
+    raise ValueError(f"{name!r} is not one of the papers' prepared datasets (lsun, imagenet, celebahq)")
+
+
+def is_lmdb(path: str | Path) -> bool:
+    """True for an lmdb environment folder (LSUN's official exports: data.mdb and lock.mdb)."""
+    return (Path(path) / "data.mdb").is_file()
+
+
+def _label_zero(_) -> int:
+    return 0
+
+
+def _has_images(path: Path) -> bool:
+    return path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*"))
+
+
+def _not_prepared_error(name: str, root, image_size: int, category: str = "",
+                        missing: Path | None = None) -> DatasetUnavailableError:
+    from minildm import prepare  # the table of sources and commands lives with the preparation command
+
+    info, folders = prepare.SOURCES[name], paper_dataset_folders(name, root, image_size, category)
+    where = f" ({missing} is missing or holds no images)" if missing else ""
+    return DatasetUnavailableError(
+        f"{info['title'].format(category=category)} is not on disk{where}: neither {folders['prepared']}/ (prepared)"
+        f" nor {folders['source']}/ (the official download) holds it, and it cannot be downloaded automatically.\n"
+        f"Fetch: {prepare.source_url(name, category)} (official page: {info['page']}).\n"
+        f"Expected layout: {info['layout'].format(source=folders['source'], prepared=folders['prepared'])}\n"
+        f"Then prepare it: {prepare.command(name, image_size, category, root)}\n"
+        f"Or point data.path at a folder of images{' or an lmdb export' if name == 'lsun' else ''}; "
+        f"`python -m minildm.prepare {name} --check` says what is found.")
+
+
+def paper_dataset(name: str, root: str | Path = "data", train: bool = True, image_size: int = 256,
+                  random_flip: bool = True, category: str = "", path: str | Path = "") -> Dataset:
+    """LSUN, ImageNet or CelebA-HQ as (image [3, image_size, image_size] in [-1, 1], label), ADM's preprocessing.
+
+    Reads `path` if given, else the prepared folder, else the official download (`paper_dataset_folders`).
+    ImageNet: torchvision `ImageFolder` of <folder>/train (or /val when train=False), label = index of the
+    sorted synset folder (n01440764 -> 0). LSUN and CelebA-HQ: label 0; they have no held-out split in the papers,
+    so train=False gives the training images without flips. An LSUN lmdb export is read through torchvision's
+    `LSUNClass` (it caches the key list in a `_cache_*` file in the working directory).
+    """
+    from torchvision import datasets
+
+    folders = paper_dataset_folders(name, root, image_size, category)
+    candidates = [Path(path)] if path else [folders["prepared"], folders["source"]]
+    folder = next((c for c in candidates if c.is_dir()), None)
+    if folder is None:
+        raise _not_prepared_error(name, root, image_size, category, missing=Path(path) if path else None)
+    if name == "lsun" and is_lmdb(folder):  # the same pixels as the folder `minildm.prepare lsun` writes
+        transform = ADMTransform(image_size, random_flip and train, crop=lsun_resize)
+        return datasets.LSUNClass(str(folder), transform=transform, target_transform=_label_zero)
+    transform = ADMTransform(image_size, random_flip and train)
+    if name == "imagenet":
+        folder = folder / ("train" if train else "val")
+    if not _has_images(folder):
+        raise _not_prepared_error(name, root, image_size, category, missing=folder)
+    if name == "imagenet":
+        return datasets.ImageFolder(folder, transform=transform)
+    return ImageFiles(folder, transform)
+
+
+# ---------------------------------------------------------------------------------------------
 # Your own data: any map-style dataset or a tensor of images.
 
 
@@ -410,14 +548,15 @@ def as_dataset(examples) -> Dataset:
 # ---------------------------------------------------------------------------------------------
 # One entry point for configs (batches for training: train.StepBatches).
 
-DATASETS = ("shapes", "toy2d", "cifar10", "mnist", "imagefolder")
+DATASETS = ("shapes", "toy2d", "cifar10", "mnist", "imagefolder", "lsun", "imagenet", "celebahq")
 
 
 def build_dataset(config, train: bool = True) -> Dataset:
     """The dataset of a `DataConfig`: (image [C, H, W] in [-1, 1], label), or (point [2], 0) for toy2d.
 
     The procedural sets use seed 0 for train and seed 1 for the held-out split. Shapes ignore
-    `random_flip` (a flip would contradict their captions and boxes).
+    `random_flip` (a flip would contradict their captions and boxes). lsun, imagenet and celebahq are read by
+    `paper_dataset` from the folders `minildm.prepare` writes (data.category names the LSUN category).
     """
     name, root = config.dataset, config.root
     if name == "shapes":
@@ -432,5 +571,7 @@ def build_dataset(config, train: bool = True) -> Dataset:
     if name == "imagefolder":
         path = config.path or os.path.join(root, "imagefolder")
         return image_folder(path, config.image_size, config.random_flip and train)
+    if name in ("lsun", "imagenet", "celebahq"):
+        return paper_dataset(name, root, train, config.image_size, config.random_flip, config.category, config.path)
     raise ValueError(f"unknown dataset {name!r}; set data.dataset to one of {', '.join(DATASETS)}")
 
