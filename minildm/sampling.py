@@ -22,6 +22,10 @@ Guidance (`minildm.guidance`, chapter 04):
 Samplers run under `torch.no_grad()` (a cond_fn enables gradients inside itself); put the model in eval
 mode first (dropout).
 
+Per-sample seeds (evaluation at scale): `generator=PerSampleGenerator(seed, indices)` gives sample i (a global index)
+its own random stream, seeded from (seed, i), for its x_T and every noise the sampler draws, so a sample does not
+depend on the batch it is drawn in nor on the number of processes (`minildm.evaluation`).
+
 callback: either callback(info) with ONE parameter, called with a dict as k-diffusion passes it —
 {"i", "t", "t_prev", "x" (x_t entering the step), "x_prev", "pred_x0", "denoised" (= pred_x0)} — or the
 older callback(step_index, t, x_t, pred_x0) with four.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from minildm import schedules
@@ -39,15 +44,66 @@ from minildm.diffusion import GaussianDiffusion, _coef
 from minildm.guidance import CondFn, condition_mean, condition_score
 from minildm.progress import progress as progress_bar
 
-__all__ = ["ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step", "plms_sample", "plms_step"]
+__all__ = ["PerSampleGenerator", "ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step", "plms_sample", "plms_step",
+           "randn", "sample_seed"]
 
 Callback = Callable[..., None]  # callback(info: dict) or callback(step_index, t, x_t, pred_x0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random streams: one torch.Generator for a batch, or one per sample
+
+
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """The 64-bit seed of sample `index`'s random stream `stream` under run seed `seed` (all >= 0).
+
+    numpy's SeedSequence([seed, index, stream]) hashes the triple, so nearby seeds and indices give unrelated
+    streams. stream 0 draws the sample's noise (`PerSampleGenerator`), stream 1 its class label (`evaluation`).
+    """
+    if min(seed, index, stream) < 0:
+        raise ValueError(f"per-sample seeds need seed, index and stream >= 0; got seed={seed}, index={index}, "
+                         f"stream={stream} (use --seed 0 or another non-negative integer)")
+    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0])
+
+
+class PerSampleGenerator:
+    """B random streams, one per sample: `randn([B, ...])` takes row b from the generator of `indices[b]`.
+
+    Pass it as a sampler's `generator=`: x_T, the noise of every ancestral / DDIM (eta > 0) step and the
+    q_sample noise of inpainting then come from sample-owned streams seeded with `sample_seed(seed, i)`, and
+    sample i is the same whichever batch or process draws it. The streams live on `device` (default the CPU,
+    so a seed also gives the same noise on a GPU); draws are moved to the device the sampler asks for.
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int], device="cpu"):
+        self.indices = [int(i) for i in indices]
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(sample_seed(seed, i)) for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape, *, device=None, dtype=None) -> torch.Tensor:
+        """Standard normal [B, ...] (B = len(self)): row b from sample indices[b]'s stream."""
+        shape = tuple(shape)
+        if not shape or shape[0] != len(self):
+            raise ValueError(f"this PerSampleGenerator holds {len(self)} streams (samples {self.indices[:4]}...), "
+                             f"but a tensor of shape {shape} was asked for; draw batches of exactly its samples")
+        rows = [torch.randn(shape[1:], generator=g, device=self.device, dtype=dtype) for g in self.generators]
+        return torch.stack(rows).to(device if device is not None else self.device)
+
+
+def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """torch.randn(shape) from a torch.Generator (or the global stream, None) or from a `PerSampleGenerator`."""
+    if isinstance(generator, PerSampleGenerator):
+        return generator.randn(shape, device=device, dtype=dtype)
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
 @torch.no_grad()
 def ddpm_step(model: Callable, diffusion: GaussianDiffusion, x_t: torch.Tensor, t, t_prev, *,
               clip_denoised: bool = True, model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, t_next=None,
+              generator: torch.Generator | PerSampleGenerator | None = None, t_next=None,
               cond_fn: CondFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step x_t -> x_{t_prev} ~ p_theta(x_{t_prev} | x_t); returns (x_prev, pred_x0), [N, ...].
 
@@ -77,7 +133,7 @@ def ddpm_step(model: Callable, diffusion: GaussianDiffusion, x_t: torch.Tensor, 
 @torch.no_grad()
 def ddim_step(model: Callable, diffusion: GaussianDiffusion, x_t: torch.Tensor, t, t_prev, *, eta: float = 0.0,
               clip_denoised: bool = True, model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, cond_fn: CondFn | None = None
+              generator: torch.Generator | PerSampleGenerator | None = None, cond_fn: CondFn | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, Eq. 12); returns (x_prev, pred_x0), [N, ...].
 
@@ -150,7 +206,7 @@ def plms_step(model: Callable, diffusion: GaussianDiffusion, x_t: torch.Tensor, 
 
 def ddpm_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, timesteps: Sequence[int] | None = None,
                 *, clip_denoised: bool = True, model_kwargs: dict | None = None,
-                generator: torch.Generator | None = None, noise: Sequence[torch.Tensor | None] | None = None,
+                generator: torch.Generator | PerSampleGenerator | None = None, noise: Sequence[torch.Tensor | None] | None = None,
                 callback: Callback | None = None, progress: bool = True, device=None,
                 cond_fn: CondFn | None = None, x0: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,7 +236,7 @@ def ddpm_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, tim
 
 def ddim_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, timesteps: Sequence[int] | None = None,
                 *, eta: float = 0.0, clip_denoised: bool = True, model_kwargs: dict | None = None,
-                generator: torch.Generator | None = None, noise: Sequence[torch.Tensor | None] | None = None,
+                generator: torch.Generator | PerSampleGenerator | None = None, noise: Sequence[torch.Tensor | None] | None = None,
                 callback: Callback | None = None, progress: bool = True, device=None,
                 cond_fn: CondFn | None = None, x0: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, final_t_prev: int = -1) -> torch.Tensor:
@@ -208,7 +264,7 @@ def ddim_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, tim
 
 def plms_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, timesteps: Sequence[int] | None = None,
                 *, eta: float = 0.0, clip_denoised: bool = False, final_t_prev: int = -1,
-                model_kwargs: dict | None = None, generator: torch.Generator | None = None,
+                model_kwargs: dict | None = None, generator: torch.Generator | PerSampleGenerator | None = None,
                 callback: Callback | None = None, progress: bool = True, device=None,
                 cond_fn: CondFn | None = None, x0: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -307,7 +363,7 @@ def _initial(model, shape_or_x_T, generator, device) -> torch.Tensor:
     if device is None:
         parameter = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
         device = parameter.device if parameter is not None else (generator.device if generator is not None else "cpu")
-    return torch.randn(tuple(shape_or_x_T), generator=generator, device=device)
+    return randn(shape_or_x_T, generator, device)
 
 
 def _check_inpainting(x, x0, mask) -> None:
@@ -340,7 +396,7 @@ def _check_noise(noise, num_steps: int) -> None:
 
 def _noise(noise: torch.Tensor | None, x_t: torch.Tensor, generator) -> torch.Tensor:
     if noise is None:
-        return torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return randn(x_t.shape, generator, x_t.device, x_t.dtype)
     if noise.shape != x_t.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but x_t has {tuple(x_t.shape)}")
     return noise.to(device=x_t.device, dtype=x_t.dtype)

@@ -1,0 +1,430 @@
+"""Evaluation at scale: sampling sharded over processes with one seed per sample, ADM's `.npz` batches, the FID protocol.
+
+    python -m minildm sample CKPT --num 50000 --batch-size 256 --out samples.npz            # one process
+    torchrun --nproc_per_node 8 -m minildm sample CKPT --num-samples 50000 --batch-size 256 --out samples.npz
+    python -m minildm fid samples.npz VIRTUAL_imagenet64_labeled.npz    # ADM's reference batch (mu, sigma inside)
+    python -m minildm fid data/cifar10-train-png/ --save-stats cifar10_train_stats.npz   # reference stats, once
+    python -m minildm fid samples.npz cifar10_train_stats.npz
+
+Sample i (a global index 0 .. N-1) draws x_T, every step's noise and its class label from its own streams seeded
+from (seed, i) (`sampling.PerSampleGenerator`, `class_labels`), so the `.npz` is the same for any batch size and
+any number of processes. The indices are dealt in rounds of world_size x batch_size: in round k process r samples
+[k W B + r B, k W B + (r + 1) B), and one all_gather per round puts the batches in index order on rank 0, which
+alone writes the file (a temporary file renamed into place).
+
+(Under torchrun spell --num as --num-samples: torchrun's own parser takes --num for its --numa-binding.)
+
+The `.npz` layout is the one ADM's `image_sample.py` writes and its `evaluations/evaluator.py` reads: `arr_0`
+uint8 [N, H, W, C] and, for a class-conditional model, `arr_1` int64 [N] labels.
+
+The FID protocol (Heusel et al. 2017; as ADM reports it, Dhariwal & Nichol 2021 Appendix): 50,000 samples against
+the statistics (mean mu and covariance sigma of the 2048-d pool_3 features of Inception v3) of the whole training
+set, or of ADM's reference batch for ImageNet / LSUN. Here the features come from torchmetrics' Inception
+(`metrics.load_inception`: torch-fidelity's port of the TF graph that TTUR, pytorch-fid and ADM's evaluator use).
+Numbers differ between implementations by more than rounding, so compare only FIDs computed the same way:
+- the network: the TF-Inception port vs torchvision's ImageNet Inception (different weights: FIDs differ by
+  several points); the port itself matches the TF graph up to float rounding;
+- resizing to 299 x 299: the TF graph's bilinear resize vs antialiased or PIL bicubic resizes, and JPEG/PNG
+  round trips of the samples (the `.npz` keeps the exact uint8 pixels);
+- N: FID is biased upwards at small N (~1/N); 10k-sample FIDs are several points above 50k ones;
+- the reference set: the training set vs the validation set vs ADM's reference batches, and its preprocessing
+  (centre crop, resize) all move the number.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from minildm import metrics, sampling
+
+STATS_FORMAT = "minildm.inception-stats/1"
+FEATURE_EXTRACTOR = "torchmetrics NoTrainInceptionV3 (inception-v3-compat, torch-fidelity's TF port), pool_3 [2048]"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample labels, the guided model, one batch of global indices
+
+
+def class_labels(seed: int, indices: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Labels int64 [B] of samples `indices`: sample i's is uniform over 0 .. num_classes - 1 (as ADM's
+    image_sample.py draws them), from its own stream `sampling.sample_seed(seed, i, stream=1)`."""
+    draws = [torch.randint(num_classes, (), generator=torch.Generator().manual_seed(sampling.sample_seed(seed, i, 1)))
+             for i in indices]
+    return torch.stack(draws) if draws else torch.zeros(0, dtype=torch.long)
+
+
+def guided(model, config, *, guidance_scale: float = 1.0, classifier=None, classifier_scale: float = 0.0, device=None):
+    """(model to call, cond_fn or None, number of classes to draw labels from; 0 = unconditional).
+
+    As `train.generate`: classifier-free guidance wraps a class-conditional model trained with a null class
+    (w = guidance_scale, 1 = none); classifier guidance (scale s = classifier_scale, 0 = none) adds a cond_fn, and
+    an unconditional model then samples the classifier's classes.
+    """
+    from minildm import guidance, train
+
+    classes = config.unet.num_classes if config.model == "unet" else 0
+    if guidance_scale != 1:
+        if not (classes > 0 and config.unet.null_class):
+            raise ValueError(f"guidance_scale={guidance_scale}: classifier-free guidance needs a class-conditional "
+                             "model trained with a null class (unet.null_class=true, train.cond_dropout > 0); use "
+                             "guidance_scale=1, or a classifier with classifier_scale")
+        model = guidance.classifier_free(model, guidance_scale, {"y": guidance.null_labels(1, classes, device)})
+    cond_fn = None
+    if classifier is not None and classifier_scale != 0:
+        cond_fn = guidance.classifier_gradient(classifier, classifier_scale)
+        if classes == 0:  # an unconditional model ignores the labels meant for the classifier
+            model, classes = train._ignore_labels(model), classifier.config.out_channels
+    elif classifier_scale != 0:
+        raise ValueError(f"classifier_scale={classifier_scale} needs a classifier (classifier=...)")
+    return model, cond_fn, classes
+
+
+def sample_indices(model, diffusion, config, indices: Sequence[int], *, seed: int = 0, sampler: str = "ddim",
+                   steps: int = 50, eta: float = 0.0, labels: torch.Tensor | None = None, cond_fn=None,
+                   device=None) -> torch.Tensor:
+    """Samples [B, C, H, W] in [-1, 1] of the global `indices`, each from its own seeded stream (any batch size).
+
+    labels: int64 [B] for a conditional (or classifier-guided) model, else None. The sampler walks `steps`
+    timesteps respaced evenly over T (DDIM with `eta`, or ancestral DDPM), clipping pred_x0 if config says so.
+    """
+    from minildm import schedules
+
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    shape = (len(indices), config.unet.in_channels, config.unet.image_size, config.unet.image_size)
+    timesteps = schedules.space_timesteps(diffusion.num_timesteps, str(min(steps, diffusion.num_timesteps)))
+    kwargs = {"generator": sampling.PerSampleGenerator(seed, indices), "device": device, "progress": False,
+              "clip_denoised": config.sample.clip_denoised, "cond_fn": cond_fn,
+              "model_kwargs": None if labels is None else {"y": labels.to(device)}}
+    if sampler == "ddim":
+        return sampling.ddim_sample(model, diffusion, shape, timesteps, eta=eta, **kwargs)
+    return sampling.ddpm_sample(model, diffusion, shape, timesteps, **kwargs)
+
+
+def to_uint8(samples: torch.Tensor) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C], round((x + 1) 127.5) (what a PNG of them holds).
+
+    ADM's image_sample.py truncates instead of rounding (a -0.5 / 255 shift of every pixel on average).
+    """
+    return ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded sampling: the rounds, the gather, the .npz
+
+
+def shard(num: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """The global indices process `rank` samples in each round: round k holds [k W B + r B, k W B + (r + 1) B).
+
+    Every process gets the same number of rounds (ceil(num / (W B))); the last ones may be short or empty.
+    """
+    if num < 1 or batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need num >= 1, batch_size >= 1 and 0 <= rank < world_size; got num={num}, "
+                         f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+    per_round = world_size * batch_size
+    starts = (k * per_round + rank * batch_size for k in range(math.ceil(num / per_round)))
+    return [list(range(min(start, num), min(start + batch_size, num))) for start in starts]
+
+
+def sample_images(model, config, num: int, *, batch_size: int = 64, sampler: str = "ddim", steps: int = 50,
+                  eta: float = 0.0, seed: int = 0, label: int | None = None, guidance_scale: float = 1.0,
+                  classifier=None, classifier_scale: float = 0.0, progress: bool = True
+                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """`num` samples sharded over the torch.distributed processes (or this one): (uint8 [N, H, W, C], labels [N])
+    in index order on rank 0, (None, None) on the others.
+
+    batch_size is per process. label: every sample's class (else drawn per sample, `class_labels`); labels is None
+    for an unconditional, unguided model. Guidance as `train.generate` (`guided`). Progress bar on rank 0.
+    """
+    import minildm
+    from minildm.progress import progress as progress_bar
+
+    if config.model != "unet":
+        raise ValueError(f"sample_images draws images; this is a {config.model!r} model (the 2-D toy: use "
+                         "train.generate and a .png plot)")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    model, cond_fn, classes = guided(model, config, guidance_scale=guidance_scale, classifier=classifier,
+                                     classifier_scale=classifier_scale, device=device)
+    if label is not None and not 0 <= label < max(classes, 1):
+        raise ValueError(f"label {label}: this model has classes 0 .. {classes - 1}" if classes else
+                         f"label {label}: this model is unconditional (unet.num_classes=0); leave the class out, "
+                         "or guide it with a classifier")
+    diffusion = minildm.build_diffusion(config)
+    side, channels = config.unet.image_size, config.unet.in_channels
+    images = np.empty((num, side, side, channels), np.uint8) if rank == 0 else None
+    labels = np.empty(num, np.int64) if rank == 0 and classes else None
+    bar = progress_bar(total=num, disable=not progress or rank != 0, desc=f"sampling ({world_size} processes)")
+    filled = 0  # rounds cover consecutive index ranges: round k starts where round k - 1 ended
+    for indices in shard(num, batch_size, rank, world_size):
+        y = None
+        if classes:
+            y = torch.full((len(indices),), label) if label is not None else class_labels(seed, indices, classes)
+        batch = torch.zeros(0, side, side, channels, dtype=torch.uint8, device=device)
+        if indices:
+            batch = to_uint8(sample_indices(model, diffusion, config, indices, seed=seed, sampler=sampler, steps=steps,
+                                            eta=eta, labels=y, cond_fn=cond_fn, device=device))
+        round_images, round_labels = _gather(batch, batch_size), _gather(y.to(device), batch_size) if classes else None
+        if rank == 0:
+            images[filled:filled + len(round_images)] = round_images.cpu().numpy()
+            if labels is not None:
+                labels[filled:filled + len(round_labels)] = round_labels.cpu().numpy()
+        filled += len(round_images)
+        bar.update(len(round_images))
+    bar.close()
+    return images, labels
+
+
+def _gather(rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Every process's `rows` ([n_r, ...], n_r <= batch_size) concatenated in rank order, on every process.
+
+    all_gather needs equal shapes: the counts go first, then the rows padded to batch_size. (gloo and NCCL both
+    implement all_gather; with NCCL the tensors are on this process's GPU.)
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return rows
+    world_size = dist.get_world_size()
+    count = torch.tensor([len(rows)], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    padded = torch.zeros(batch_size, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    padded[:len(rows)] = rows
+    gathered = [torch.zeros_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:int(c)] for g, c in zip(gathered, counts)])
+
+
+def check_output(path, suffixes=(".npz",)) -> Path:
+    """`path` as a Path once it is known to be writable (its folder created); raises ValueError saying what to change.
+
+    Checked before sampling, so a long run does not fail at its end: the suffix, and a temporary file created and
+    removed in the folder (which also catches read-only file systems, whatever the permission bits say).
+    """
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"--out {path}: give a file ending in {' or '.join(suffixes)} (.png: a grid to look at; "
+                         ".npz: the batch that ADM's evaluator and `python -m minildm fid` read)")
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file name such as {path / ('samples' + suffixes[0])}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {path}: cannot write in {path.parent} ({error.strerror or error}); choose a "
+                         "writable folder") from None
+    return path
+
+
+def write_npz(path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
+    """Write ADM's sample batch atomically: arr_0 uint8 [N, H, W, C] (and arr_1 int64 [N] labels) in `path`.
+
+    The file is written under a temporary name in the same folder and renamed into place, so a reader never sees
+    half a file and an interrupted run leaves the previous file intact.
+    """
+    path = Path(path)
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be uint8 [N, H, W, C] with C = 1 or 3 (ADM's layout; `to_uint8` converts "
+                         f"[-1, 1] tensors); got {images.dtype} {images.shape}")
+    arrays = {"arr_0": images}
+    if labels is not None:
+        arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
+        if arrays["arr_1"].shape != (len(images),):
+            raise ValueError(f"labels must be [N] = [{len(images)}], one per image; got {arrays['arr_1'].shape}")
+    return _savez_atomically(path, arrays)
+
+
+def _savez_atomically(path: Path, arrays: dict) -> Path:
+    """np.savez into a temporary file of path's folder, then rename it to path (atomic on POSIX)."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            np.savez(file, **arrays)  # a file object: numpy adds no second ".npz"
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The FID protocol: images or statistics in, Inception features, FID / IS / KID / precision-recall out
+
+
+def read_batches(path, batch_size: int = 500) -> Iterator[np.ndarray]:
+    """uint8 [n, H, W, 3] batches of the images in `path`: an .npz's arr_0 (read piece by piece from the archive,
+    so 50,000 images at 256 x 256 need not fit in memory) or a folder of image files (sorted, recursive)."""
+    path = Path(path)
+    if path.is_dir():
+        yield from _folder_batches(path, batch_size)
+        return
+    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(member)
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran_order:
+            raise ValueError(f"{path}: arr_0 must be uint8 images [N, H, W, C] (ADM's layout, C = 1 or 3); got "
+                             f"{dtype} {shape}; write it with evaluation.write_npz(path, evaluation.to_uint8(x))")
+        row = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            batch = np.frombuffer(member.read(count * row), np.uint8).reshape(count, *shape[1:])
+            yield np.repeat(batch, 3, axis=-1) if shape[-1] == 1 else batch  # Inception reads RGB
+
+
+def _folder_batches(folder: Path, batch_size: int) -> Iterator[np.ndarray]:
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of the reference "
+                         "images, an .npz with arr_0, or a statistics .npz")
+    size = None
+    for start in range(0, len(files), batch_size):
+        batch = [np.asarray(Image.open(f).convert("RGB")) for f in files[start:start + batch_size]]
+        for file, image in zip(files[start:start + batch_size], batch):
+            size = size or image.shape
+            if image.shape != size:
+                raise ValueError(f"{file} is {image.shape[1]}x{image.shape[0]} but the first image is "
+                                 f"{size[1]}x{size[0]}: resize and crop the reference set to the samples' size first "
+                                 "(as the dataset's preparation does), then compute its statistics")
+        yield np.stack(batch)
+
+
+def read_source(path) -> dict:
+    """What a FID input holds: {"images": bool, "mu", "sigma" (or None), "extractor", "path"}.
+
+    An .npz with mu and sigma is a statistics file (minildm's, `save_statistics`, or ADM's reference batch, whose
+    arr_0 also holds images); an .npz with only arr_0 is an image batch; a folder holds image files.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return {"path": path, "images": True, "mu": None, "sigma": None, "extractor": None}
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; give a sample batch (.npz from `python -m minildm sample "
+                                "--out samples.npz`), a reference batch or statistics .npz, or a folder of images")
+    if path.suffix.lower() != ".npz":
+        raise ValueError(f"{path}: FID inputs are .npz files (arr_0 images and/or mu, sigma) or folders of images")
+    with np.load(path) as archive:
+        keys = set(archive.files)
+        if not keys & {"arr_0", "mu"}:
+            raise ValueError(f"{path} has neither arr_0 (images) nor mu and sigma (statistics); it holds "
+                             f"{sorted(keys)}")
+        mu = archive["mu"].astype(np.float64) if "mu" in keys else None
+        sigma = archive["sigma"].astype(np.float64) if "sigma" in keys else None
+        extractor = str(archive["extractor"]) if "extractor" in keys else None
+    if (mu is None) != (sigma is None) or (mu is not None and (mu.shape != (2048,) or sigma.shape != (2048, 2048))):
+        raise ValueError(f"{path}: mu and sigma must be [2048] and [2048, 2048] (Inception pool_3 statistics)")
+    if extractor is None and mu is not None:  # ADM's reference batches: the TF graph, which torch-fidelity ports
+        extractor = "TF Inception pool_3 (ADM's evaluator)"
+    return {"path": path, "images": "arr_0" in keys, "mu": mu, "sigma": sigma, "extractor": extractor}
+
+
+def image_features(path, inception, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inception pool features [N, 2048] and logits [N, 1008] of the images in `path` (`read_batches`)."""
+    pools, logits = [], []
+    for batch in read_batches(path, batch_size):
+        pool, logit = metrics.inception_features(torch.from_numpy(batch).permute(0, 3, 1, 2), inception, batch_size)
+        pools.append(pool)
+        logits.append(logit)
+    return torch.cat(pools), torch.cat(logits)
+
+
+def statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [D], sigma [D, D]) in float64: the mean and unbiased covariance of features [N, D] (np.cov, as ADM)."""
+    mean, covariance = metrics._gaussian(features)
+    return mean.numpy(), covariance.numpy()
+
+
+def save_statistics(path, mu: np.ndarray, sigma: np.ndarray, num: int) -> Path:
+    """Write reference statistics (mu, sigma, the image count and the feature extractor) as an .npz, atomically."""
+    return _savez_atomically(check_output(path), {"mu": mu, "sigma": sigma, "num": np.int64(num),
+                                                  "extractor": np.str_(FEATURE_EXTRACTOR),
+                                                  "format": np.str_(STATS_FORMAT)})
+
+
+def fid_report(samples, reference, *, save_stats=None, fid_only: bool = False, batch_size: int = 250, device=None,
+               weights_path=None, splits: int = 10, kid_subsets: int = 100, kid_subset_size: int = 1000, k: int = 3,
+               seed: int = 0) -> dict:
+    """FID of `samples` against `reference` (each an .npz batch, a statistics .npz or a folder), and, where both
+    hold images, IS, KID and precision/recall: what `python -m minildm fid` prints.
+
+    The reference's mu and sigma are used when the file has them (ADM's reference batches, `save_statistics`);
+    otherwise they are computed from its images, and `save_stats` writes them for the next run. One Inception
+    (`metrics.load_inception`, TF1 resize as ADM's evaluator) scores both sets: FID (`metrics.gaussian_frechet_distance`
+    of the fitted Gaussians), IS on the samples' logits, KID and k-NN precision/recall on the two feature sets
+    (computed on `device`). fid_only skips all but FID (and the reference's images when it has statistics).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sample_source, reference_source = read_source(samples), read_source(reference)
+    if save_stats is not None:
+        check_output(save_stats)
+        if not reference_source["images"]:
+            raise ValueError(f"--save-stats: {reference} holds statistics, not images; give the reference images "
+                             "(an .npz with arr_0 or a folder) to compute statistics from")
+    inception = metrics.load_inception(weights_path, device, antialias=False)
+    report = {"num_samples": None, "num_reference": None}
+    fake = real = None
+    if sample_source["images"]:
+        fake, fake_logits = image_features(samples, inception, batch_size)
+        report["num_samples"] = len(fake)
+    wants_reference_images = save_stats is not None or reference_source["mu"] is None or \
+        (not fid_only and fake is not None)
+    if reference_source["images"] and wants_reference_images:
+        real, _ = image_features(reference, inception, batch_size)
+        report["num_reference"] = len(real)
+    mu_fake, sigma_fake = (sample_source["mu"], sample_source["sigma"]) if fake is None else statistics(fake)
+    if reference_source["mu"] is not None:
+        mu_real, sigma_real = reference_source["mu"], reference_source["sigma"]
+        report["reference_statistics"] = f"read from {reference} ({reference_source['extractor']})"
+    else:
+        mu_real, sigma_real = statistics(real)
+        report["reference_statistics"] = f"computed from the {len(real)} images of {reference}"
+    if save_stats is not None:
+        mu_saved, sigma_saved = statistics(real)
+        report["saved_statistics"] = str(save_statistics(save_stats, mu_saved, sigma_saved, len(real)))
+    report["fid"] = metrics.gaussian_frechet_distance(mu_fake, sigma_fake, mu_real, sigma_real)
+    if not fid_only and fake is not None:
+        report.update(_other_metrics(fake, fake_logits, real, device, splits, kid_subsets, kid_subset_size, k, seed))
+    if report["num_samples"] is not None and report["num_samples"] < 50_000:
+        report["note"] = (f"FID of {report['num_samples']} samples: biased upwards against the 50,000-sample "
+                          "protocol; compare only at equal N and reference")
+    return report
+
+
+def _other_metrics(fake, fake_logits, real, device, splits, kid_subsets, kid_subset_size, k, seed) -> dict:
+    """IS of the samples; KID and precision/recall when the reference's features are there too."""
+    score = metrics.inception_score(fake_logits, min(splits, len(fake)), generator=torch.Generator().manual_seed(seed))
+    out = {"inception_score": score["mean"], "inception_score_std": score["std"]}
+    if real is not None:
+        kid = metrics.kernel_inception_distance(real, fake, subsets=kid_subsets,
+                                                subset_size=min(kid_subset_size, len(real), len(fake)),
+                                                generator=torch.Generator().manual_seed(seed))
+        out.update(kid=kid["mean"], kid_std=kid["std"], **metrics.precision_recall(real.to(device), fake.to(device), k))
+    return out
+
+
+def reference_statistics(reference, out, *, batch_size: int = 250, device=None, weights_path=None) -> dict:
+    """Compute the Inception statistics (mu, sigma) of the reference images once and write them to `out`
+    (`python -m minildm fid REFERENCE --save-stats out.npz`); returns {"num_reference", "saved_statistics"}."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = check_output(out)
+    if not read_source(reference)["images"]:
+        raise ValueError(f"--save-stats: {reference} holds statistics, not images; give the reference images "
+                         "(an .npz with arr_0 or a folder) to compute statistics from")
+    real, _ = image_features(reference, metrics.load_inception(weights_path, device, antialias=False), batch_size)
+    mu, sigma = statistics(real)
+    return {"num_reference": len(real), "saved_statistics": str(save_statistics(out, mu, sigma, len(real)))}
