@@ -463,11 +463,11 @@ def _not_prepared_error(name: str, root, image_size: int, category: str = "",
     return DatasetUnavailableError(
         f"{info['title'].format(category=category)} is not on disk{where}: neither {folders['prepared']}/ (prepared)"
         f" nor {folders['source']}/ (the official download) holds it, and it cannot be downloaded automatically.\n"
-        f"Fetch: {prepare.source_url(name, category)} (official page: {info['page']}).\n"
-        f"Expected layout: {info['layout'].format(source=folders['source'], prepared=folders['prepared'])}\n"
+        f"Fetch: {prepare.source_url(name, category)}; official page: {info['page']}.\n"
+        f"Expected layout: {info['layout'].format(**folders, category=category)}\n"
         f"Then prepare it: {prepare.command(name, image_size, category, root)}\n"
         f"Or point data.path at a folder of images{' or an lmdb export' if name == 'lsun' else ''}; "
-        f"`python -m minildm.prepare {name} --check` says what is found.")
+        f"`{prepare.command(name, image_size, category, root)} --check` says what is found.")
 
 
 def paper_dataset(name: str, root: str | Path = "data", train: bool = True, image_size: int = 256,

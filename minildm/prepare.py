@@ -80,7 +80,7 @@ SOURCES = {
         "url": "http://dl.yf.io/lsun/scenes/{category}_train_lmdb.zip",
         "object_url": "http://dl.yf.io/lsun/objects/{category}.zip",
         "layout": "{source}/data.mdb and lock.mdb (the unzipped official lmdb export; its values are encoded "
-                  "images), prepared into {prepared}/<category>_0000000.png ...",
+                  "images), prepared into {prepared}/{category}_0000000.png ...",
         "preprocessing": "ADM datasets/lsun_bedroom.py: BOX resize of the shorter side to the size, central square",
     },
     "imagenet": {
@@ -232,7 +232,7 @@ def prepare_folder(name: str, source: str | Path, out: str | Path, image_size: i
     """Resize every image under `source` with `center_crop_arr` into `out`, keeping sub-folders (ImageNet's
     train/<synset>/, val/<synset>/) and names, as PNG; the first `max_images` in sorted order if given."""
     source, out = Path(source), Path(out)
-    layout = SOURCES[name]["layout"].format(source=source, prepared=out)
+    layout = SOURCES[name]["layout"].format(source=source, prepared=out, category="")
     files = sorted(p for p in source.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS) if source.is_dir() else []
     if not files:
         raise data.DatasetUnavailableError(f"no images under {source}. Fetch {SOURCES[name]['url']} "
@@ -275,7 +275,7 @@ def check(name: str, root: str | Path = "data", image_size: int = 256, category:
           f"{'found' if found else 'NOT FOUND'}")
     print(f"  fetch:         {source_url(name, category)}")
     print(f"  official page: {info['page']}")
-    print(f"  layout:        {info['layout'].format(**folders)}")
+    print(f"  layout:        {info['layout'].format(**folders, category=category)}")
     if name != "cifar10":
         print(f"  prepared:      {folders['prepared']}/  {_describe(folders['prepared'])}")
     print(f"  source:        {folders['source']}/  {_describe(folders['source'])}")

@@ -1,6 +1,7 @@
 """The papers' datasets (LSUN, ImageNet, CelebA-HQ, CIFAR10): ADM's preprocessing pixel for pixel, the preparation
 command end to end, labels, and the errors that say what to fetch; on small stand-ins built in tmp_path."""
 
+import dataclasses
 import io
 import json
 import urllib.error
@@ -161,7 +162,7 @@ def test_prepare_lsun_end_to_end_and_read_back(tmp_path, monkeypatch):
     assert [f.name for f in files] == [f"church_outdoor_{i:07d}.png" for i in range(len(values))]
     assert not (root / "lsun_church_outdoor16.partial").exists()
     manifest = json.loads((out / "prepared.json").read_text())
-    assert manifest["count"] == len(values) and manifest["image_size"] == 16 and manifest["category"] == "church_outdoor"
+    assert (manifest["count"], manifest["image_size"], manifest["category"]) == (len(values), 16, "church_outdoor")
     for file, value in zip(files, values):  # key order, ADM's conversion, lossless
         np.testing.assert_array_equal(np.asarray(Image.open(file)), adm_lsun_image(value, 16))
 
@@ -173,7 +174,7 @@ def test_prepare_lsun_end_to_end_and_read_back(tmp_path, monkeypatch):
     assert -1 <= x.min() < -0.5 and 0.5 < x.max() <= 1
     assert torch.equal(x, adm_item(adm_lsun_image(values[2], 16)))
     # the lmdb export read directly (torchvision's LSUNClass) gives the same pixels as the prepared folder
-    direct = data.build_dataset(DataConfig(**{**vars(config), "path": str(root / "lsun" / "church_outdoor_train_lmdb")}))
+    direct = data.build_dataset(dataclasses.replace(config, path=str(root / "lsun" / "church_outdoor_train_lmdb")))
     assert len(direct) == len(values)
     assert all(torch.equal(direct[i][0], dataset[i][0]) and direct[i][1] == 0 for i in range(len(values)))
 
@@ -224,7 +225,7 @@ def test_the_paper_preset_reads_the_prepared_data(tmp_path, capsys):
     assert prepare.main(["--preset", "ddpm-lsun-church256", "--root", str(root)]) == 0
     preset = presets.get("ddpm-lsun-church256")
     config_module.validate(preset)  # the configs' validation knows the new datasets
-    dataset = data.build_dataset(DataConfig(**{**vars(preset.data), "root": str(root)}))
+    dataset = data.build_dataset(dataclasses.replace(preset.data, root=str(root)))
     x, y = dataset[0]
     assert len(dataset) == 2 and x.shape == (3, 256, 256) and y == 0 and -1 <= x.min() and x.max() <= 1
 
@@ -286,7 +287,8 @@ def test_celebahq_flat_folder_and_prepare(tmp_path):
 
 @pytest.mark.parametrize("name, category, expected", [
     ("lsun", "church_outdoor", ["http://dl.yf.io/lsun/scenes/church_outdoor_train_lmdb.zip", "https://www.yf.io/p/lsun",
-                                "lsun/church_outdoor_train_lmdb/data.mdb", "lsun_church_outdoor256",
+                                "lsun/church_outdoor_train_lmdb/data.mdb",
+                                "lsun_church_outdoor256/church_outdoor_0000000.png",
                                 "python -m minildm.prepare lsun --category church_outdoor --image-size 256 --root"]),
     ("lsun", "cat", ["http://dl.yf.io/lsun/objects/cat.zip", "lsun/cat/data.mdb"]),
     ("imagenet", "", ["https://image-net.org/challenges/LSVRC/2012", "ILSVRC2012_img_train.tar",
@@ -301,7 +303,7 @@ def test_missing_dataset_says_what_to_fetch_the_layout_and_the_command(tmp_path,
     message = str(info.value)
     for text in expected:
         assert text in message, (text, message)
-    assert str(tmp_path) in message and "data.path" in message and f"minildm.prepare {name} --check" in message
+    assert str(tmp_path) in message and "data.path" in message and "--check` says what is found" in message
 
 
 def test_other_missing_data_errors(tmp_path, monkeypatch, capsys):
