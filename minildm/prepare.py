@@ -146,8 +146,12 @@ def _convert(job) -> None:
     source, target, crop, image_size = job
     if target.exists():  # written by an earlier, interrupted run
         return
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        image = _CROPS[crop](image.convert("RGB"), image_size)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image = _CROPS[crop](image.convert("RGB"), image_size)
+    except OSError as error:  # name the image: the run stops here and resumes after it is fixed or removed
+        origin = f"the record for {target.name}" if isinstance(source, bytes) else source
+        raise OSError(f"cannot decode {origin}: {error}") from error
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(target.name + ".tmp")
     image.save(temporary, format="PNG")
@@ -325,7 +329,7 @@ def main(argv=None) -> int:
             prepare_lsun(source, out, image_size, args.max_images, args.workers, prefix=category)
         else:
             prepare_folder(name, source, out, image_size, args.max_images, args.workers)
-    except (data.DatasetUnavailableError, ImportError, ValueError) as error:
+    except (data.DatasetUnavailableError, ImportError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

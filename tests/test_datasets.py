@@ -323,6 +323,11 @@ def test_other_missing_data_errors(tmp_path, monkeypatch, capsys):
     assert prepare.main(["celebahq", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "no images under" in err and "CelebAMask-HQ" in err and not (tmp_path / "celebahq256.partial").exists()
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / "0.jpg").write_bytes(b"not a jpeg")
+    assert prepare.main(["celebahq", "--src", str(tmp_path / "faces"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot decode {tmp_path / 'faces' / '0.jpg'}" in err and (tmp_path / "o.partial").is_dir()  # resumable
     monkeypatch.setitem(__import__("sys").modules, "lmdb", None)
     assert prepare.main(["lsun", "--category", "bedroom", "--root", str(tmp_path)]) == 1
     assert "pip install lmdb" in capsys.readouterr().err
