@@ -5,7 +5,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONDA_NAMES = {"torch": "pytorch"}  # conda-forge spells PyTorch differently
+CONDA_NAMES = {"torch": "pytorch", "lmdb": "python-lmdb"}  # conda-forge names of PyTorch and the lmdb binding
 
 
 def _requirements():
