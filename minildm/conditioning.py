@@ -488,9 +488,10 @@ class FrozenCLIPEmbedder(nn.Module):
         """Frozen: the CLIP network stays in eval mode whatever the caller asks (SD's disabled_train)."""
         return super().train(False)
 
-    def _accept_both_layouts(self, state_dict, prefix, *args) -> None:
-        """transformers < 5 nests the network as `text_model.*` and stores `embeddings.position_ids` (SD's files);
-        transformers >= 5 does neither. Rename the incoming keys to this module's layout."""
+    def convert_state_dict(self, state_dict: dict, prefix: str = "") -> dict:
+        """The keys of either transformers layout under `prefix + "transformer."` renamed to this module's, in place;
+        returns state_dict. transformers < 5 nests the network as `text_model.*` and stores
+        `embeddings.position_ids` (SD's released files); transformers >= 5 does neither. Other keys are unchanged."""
         own = self.transformer.state_dict()
         base = prefix + "transformer."
         for key in [k for k in state_dict if k.startswith(base)]:
@@ -501,3 +502,8 @@ class FrozenCLIPEmbedder(nn.Module):
                     state_dict[base + renamed] = state_dict.pop(key)
                 elif name.endswith("embeddings.position_ids"):  # a buffer this version does not save: arange(L)
                     state_dict.pop(key)
+        return state_dict
+
+    def _accept_both_layouts(self, state_dict, prefix, *args) -> None:
+        """load_state_dict's pre-hook: `convert_state_dict` on the incoming keys."""
+        self.convert_state_dict(state_dict, prefix)

@@ -167,13 +167,14 @@ def build_first_stage(config, *, device=None) -> tuple[autoencoder_lib.Autoencod
     return (loaded.ema or loaded.model), loaded.metadata.get("extra", {}).get("scale_factor")
 
 
-def build_conditioner(config, *, tokenizer=None) -> tuple[nn.Module | None, torch.Tensor | None]:
+def build_conditioner(config, *, tokenizer=None, pretrained: bool = True) -> tuple[nn.Module | None, torch.Tensor | None]:
     """(conditioner, null condition [1, ...]) of config.latent.conditioner; (None, None) for "none".
 
     class: `ClassEmbedder(cond_vocab, unet.context_dim)`, the last class the null class; text / layout:
     LDM's `TransformerEmbedder(unet.context_dim, cond_layers, cond_vocab, cond_length)` on the tokenizer's ids,
     the empty caption / no boxes the null condition; clip: Stable Diffusion's frozen CLIP text encoder (its
-    input is the list of prompts, its null the empty prompt).
+    input is the list of prompts, its null the empty prompt), with OpenAI's weights from Hugging Face unless
+    pretrained=False (a checkpoint that holds them fills them; the tokenizer is still fetched on first use).
     """
     latent, width = config.latent, config.unet.context_dim
     if latent.conditioner == "none":
@@ -188,16 +189,16 @@ def build_conditioner(config, *, tokenizer=None) -> tuple[nn.Module | None, torc
         embedder = conditioning.TransformerEmbedder(width, latent.cond_layers, latent.cond_vocab, latent.cond_length)
         null = tokenizer.null(1) if tokenizer is not None else torch.zeros(1, latent.cond_length, dtype=torch.long)
         return embedder, null
-    return conditioning.FrozenCLIPEmbedder(max_length=latent.cond_length), None
+    return conditioning.FrozenCLIPEmbedder(max_length=latent.cond_length, pretrained=pretrained), None
 
 
 def build(config, *, first_stage: autoencoder_lib.Autoencoder | None = None, tokenizer=None, device=None,
-          scale_factor: float | None = None) -> LatentDiffusion:
+          scale_factor: float | None = None, pretrained: bool = True) -> LatentDiffusion:
     """The whole latent diffusion model of `config` (UNet, first stage, conditioner); weights as built or loaded.
 
     first_stage: an autoencoder to use instead of config.latent.first_stage's (e.g. one already in memory).
     The scale factor is `scale_factor` if given, else config.latent.scale_factor, or (0) the one the first
-    stage's checkpoint stored.
+    stage's checkpoint stored. pretrained=False builds a CLIP conditioner without downloading its weights.
     """
     config_lib.validate(config, own_data=True)
     stored = None
@@ -209,7 +210,7 @@ def build(config, *, first_stage: autoencoder_lib.Autoencoder | None = None, tok
                                      f"{config.latent.first_stage!r} stores none; set latent.scale_factor")
     _check_first_stage(config, first_stage)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        conditioner, null = build_conditioner(config, tokenizer=tokenizer)
+        conditioner, null = build_conditioner(config, tokenizer=tokenizer, pretrained=pretrained)
         ldm = LatentDiffusion(minildm.build_model(config), first_stage, conditioner, scale_factor=scale,
                               tokenizer=tokenizer, null_condition=null)
     ldm.config = config
@@ -336,7 +337,8 @@ def load_official_state_dict(ldm: LatentDiffusion, state_dict: dict, *, use_ema:
     """Load an official LDM / Stable Diffusion `state_dict` (a Lightning .ckpt's) into `ldm`, part by part.
 
     Every key is routed by its prefix (`checkpoints.split_ldm_state_dict`): the UNet (its EMA copy when the file
-    has one and use_ema), the first stage (strictly; its `loss.*` keys dropped), the conditioner, `scale_factor`;
+    has one and use_ema), the first stage (strictly; its `loss.*` keys dropped), the conditioner (CLIP's keys in
+    either transformers layout), `scale_factor`;
     the schedule buffers are checked against none here (minildm recomputes them from the config). Returns
     {"unet": "ema" | "model", "unused": [keys no part takes]} so a caller can name what it did not use.
     """
@@ -350,10 +352,54 @@ def load_official_state_dict(ldm: LatentDiffusion, state_dict: dict, *, use_ema:
     first_stage = autoencoder_lib.convert_official_state_dict(parts["first_stage"])
     checkpoints.load_weights(ldm.first_stage_model, first_stage, source="the checkpoint's first stage")
     if ldm.cond_stage_model is not None and parts["cond_stage"]:
-        checkpoints.load_weights(ldm.cond_stage_model, parts["cond_stage"], source="the checkpoint's conditioner")
+        cond_stage = parts["cond_stage"]
+        if hasattr(ldm.cond_stage_model, "convert_state_dict"):  # CLIP: SD's files use transformers 4's key layout
+            cond_stage = ldm.cond_stage_model.convert_state_dict(dict(cond_stage))
+        checkpoints.load_weights(ldm.cond_stage_model, cond_stage, source="the checkpoint's conditioner")
     elif parts["cond_stage"]:
         raise checkpoints.CheckpointError(f"the checkpoint has a conditioner ({len(parts['cond_stage'])} "
                                           "cond_stage_model.* keys) but this model has none; set latent.conditioner")
     if "scale_factor" in parts:
         ldm.scale_factor.fill_(parts["scale_factor"])
     return {"unet": use, "unused": parts["unused"]}
+
+
+def is_latent_preset(name: str) -> bool:
+    """True when `name` is a preset of a latent diffusion model (config.latent.first_stage set), e.g. sd-v1."""
+    from minildm import presets
+
+    return name in presets.names() and bool(presets.info(name).config.latent.first_stage)
+
+
+def load_official(name: str, *, path=None, device="cpu", directory=None, use_ema: bool = True) -> LatentDiffusion:
+    """The released model of latent preset `name` ("ldm-cin256-v2", "sd-v1"), in eval mode, ready for `sample`.
+
+    The Lightning .ckpt is found or downloaded and checked (`checkpoints.fetch_official`, `verify_official`;
+    path: your own copy, loaded as it is), every part is loaded strictly (`load_official_state_dict`: UNet, its
+    EMA copy when the file has one and use_ema, first stage, conditioner), and a CLIP conditioner fetches its
+    tokenizer now, so that an offline machine fails here (`conditioning.PretrainedWeightsUnavailable`), not in
+    the middle of sampling. Keys of the file that no part takes are named in a warning.
+    """
+    import warnings
+
+    from minildm import presets
+
+    if not is_latent_preset(name):
+        raise ValueError(f"{name!r} is not a latent diffusion preset; load it with checkpoints.load_official")
+    config = presets.get(name)
+    if path is None:
+        path = checkpoints.fetch_official(name, directory=directory)
+        checkpoints.verify_official(path, name)
+    state_dict = checkpoints.read_official_state_dict(path, device=device)
+    ldm = build(config, device=device, pretrained=False)
+    try:
+        report = load_official_state_dict(ldm, state_dict, use_ema=use_ema)
+    except checkpoints.CheckpointError as error:
+        raise checkpoints.CheckpointError(f"{error}\n{path} does not hold the released weights of preset {name!r} (is it "
+                                          "another model's file?): delete it and download it again") from None
+    if report["unused"]:
+        warnings.warn(f"{path}: {len(report['unused'])} keys fit no part of {name} and were not loaded: "
+                      + ", ".join(report["unused"]), stacklevel=2)
+    if hasattr(ldm.cond_stage_model, "tokenize"):
+        ldm.cond_stage_model.tokenizer  # noqa: B018 (fetched now: offline, the error comes before any work)
+    return ldm.eval().requires_grad_(False)
