@@ -209,13 +209,20 @@ def _train(args) -> int:
 
 
 def _load(args, checkpoint=None):
-    """(model to use, config) from a checkpoint file or an official preset name (default: args.checkpoint)."""
-    from minildm import checkpoints, presets
+    """(model to use, config) from a checkpoint file or an official preset name (default: args.checkpoint).
+
+    A preset name loads its released file (downloaded once, its size and SHA-256 checked); a latent diffusion
+    preset is sampled as a whole model by `_sample_latent` instead.
+    """
+    from minildm import checkpoints, latent, presets
 
     checkpoint = checkpoint or args.checkpoint
     device = _device(args.device)
     path = Path(checkpoint)
     if not path.exists() and checkpoint in presets.names():
+        if latent.is_latent_preset(checkpoint):
+            raise ValueError(f"{checkpoint} is a latent diffusion preset: sample it as `python -m minildm sample "
+                             f"{checkpoint}` (with --prompt or --class), not as a pixel model or a classifier")
         model, config = checkpoints.load_official(checkpoint, device=device)
         return model, config
     loaded = checkpoints.load(path, device=device, ema=args.ema)
@@ -262,19 +269,26 @@ def _sample(args) -> int:
 
 
 def _sample_latent(args) -> int:
-    """Sample a latent diffusion checkpoint: --prompt (text), --class (class labels) or nothing (unconditional)."""
+    """Sample a latent diffusion model: a checkpoint file, or a latent preset's released file (ldm-cin256-v2,
+    sd-v1; downloaded once and checked); --prompt (text, CLIP), --class (class labels) or nothing (unconditional)."""
     import torch
 
     import minildm
-    from minildm import latent, progress, train
+    from minildm import conditioning, latent, progress, train
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ldm = latent.load(args.checkpoint, device=device, ema=args.ema)
-    kind = ldm.config.latent.conditioner
+    device = _device(args.device)
     if args.classifier:
         raise ValueError("--classifier: latent diffusion checkpoints are guided without a classifier; use "
                          "--guidance-scale")
-    if kind == "text":
+    if not Path(args.checkpoint).exists() and latent.is_latent_preset(args.checkpoint):
+        try:
+            ldm = latent.load_official(args.checkpoint, device=device, use_ema=args.ema)
+        except conditioning.PretrainedWeightsUnavailable as error:  # CLIP's tokenizer offline: one line, as a download
+            raise ConnectionError(str(error)) from None
+    else:
+        ldm = latent.load(args.checkpoint, device=device, ema=args.ema)
+    kind = ldm.config.latent.conditioner
+    if kind in ("text", "clip"):
         if args.prompt is None:
             raise ValueError("this checkpoint draws captions: give --prompt 'a large red circle on the left'")
         conditions = [args.prompt] * args.num
