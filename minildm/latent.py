@@ -392,6 +392,9 @@ def load_official(name: str, *, path=None, device="cpu", directory=None, use_ema
         checkpoints.verify_official(path, name)
     state_dict = checkpoints.read_official_state_dict(path, device=device)
     ldm = build(config, device=device, pretrained=False)
+    if ldm.cond_stage_model is not None and not any(key.startswith("cond_stage_model.") for key in state_dict):
+        raise checkpoints.CheckpointError(f"{path} holds no conditioner weights (cond_stage_model.*), which the released "
+                                          f"file of {name} has: delete it and download it again")
     try:
         report = load_official_state_dict(ldm, state_dict, use_ema=use_ema)
     except checkpoints.CheckpointError as error:

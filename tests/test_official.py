@@ -371,6 +371,10 @@ def test_ldm_files_that_are_damaged_or_another_models_are_clear_errors(cin, tmp_
         latent.load_official("test-cin")
     with pytest.raises(checkpoints.CheckpointError, match="not a readable PyTorch checkpoint.*download it again"):
         latent.load_official("test-cin", path=path)
+    # a file without the conditioner would leave it at random: refused
+    lightning_ckpt(path, {k: v for k, v in official_layout(cin).items() if not k.startswith("cond_stage_model.")})
+    with pytest.raises(checkpoints.CheckpointError, match="holds no conditioner weights .*download it again"):
+        latent.load_official("test-cin", path=path)
     # another LDM (a wider UNet) under this file's name
     config = override(cin.config, ["unet.channels=24"])
     torch.manual_seed(1)
