@@ -8,8 +8,8 @@ import hashlib
 import sys
 import types
 import urllib.error
-import warnings
 import urllib.request
+import warnings
 
 import numpy as np
 import pytest
@@ -84,12 +84,13 @@ def vq_autoencoder_config():
                              z_channels=2, embed_dim=2, n_embed=16, norm_groups=4)
 
 
-def ldm_config(base, conditioner_overrides):
+def ldm_config(base):
+    """Preset `base` shrunk to 16x16 images, 8x8x2 latents of the first stage "test-first-stage", context width 8."""
     return override(presets.get(base), [
         "unet.image_size=8", "unet.in_channels=2", "unet.out_channels=2", "unet.channels=16", "unet.channel_mult=1,2",
         "unet.num_res_blocks=1", "unet.attention_resolutions=4", "unet.num_heads=2", "unet.num_head_channels=-1",
-        "unet.context_dim=8", "unet.norm_groups=8", "data.image_size=16", "latent.first_stage=test-ae-vq",
-        "diffusion.num_timesteps=100", *conditioner_overrides])
+        "unet.context_dim=8", "unet.norm_groups=8", "data.image_size=16", "latent.first_stage=test-first-stage",
+        "diffusion.num_timesteps=100"])
 
 
 def lightning_ckpt(path, state_dict):
@@ -122,14 +123,18 @@ def official_layout(ldm):
     return state
 
 
+def register_first_stage(monkeypatch, ae):
+    monkeypatch.setitem(presets._REGISTRY, "test-first-stage", presets.Preset(
+        name="test-first-stage", config=ae, summary="test", params=count(build_autoencoder(ae.autoencoder))))
+
+
 @pytest.fixture
 def cin(monkeypatch, tmp_path):
     """A class-conditional LDM like cin256-v2 (VQ first stage, ClassEmbedder 1001 x 8) in a Lightning .ckpt."""
     monkeypatch.setenv("MINILDM_CHECKPOINTS", str(tmp_path / "official"))
     ae = Config(model="autoencoder", autoencoder=vq_autoencoder_config())
-    monkeypatch.setitem(presets._REGISTRY, "test-ae-vq", presets.Preset(
-        name="test-ae-vq", config=ae, summary="test", params=count(build_autoencoder(ae.autoencoder))))
-    config = ldm_config("ldm-cin256-v2", [])
+    register_first_stage(monkeypatch, ae)
+    config = ldm_config("ldm-cin256-v2")
     torch.manual_seed(0)
     source = latent.build(config)
     randomized(source)
@@ -392,8 +397,9 @@ class TinyCLIPTokenizer:
         return {"input_ids": torch.tensor([row + [0] * (max_length - len(row)) for row in rows])}
 
 
-TINY_CLIP = dict(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                 max_position_embeddings=77, bos_token_id=1, eos_token_id=0, pad_token_id=0)
+TINY_CLIP = {"vocab_size": 64, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 1, "eos_token_id": 0,
+             "pad_token_id": 0}
 
 
 @pytest.fixture
@@ -406,9 +412,8 @@ def sd(monkeypatch, tmp_path):
     ae = Config(model="autoencoder", autoencoder=AutoencoderConfig(
         kind="kl", image_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=2, embed_dim=2,
         norm_groups=4))
-    monkeypatch.setitem(presets._REGISTRY, "test-ae-vq", presets.Preset(
-        name="test-ae-vq", config=ae, summary="test", params=count(build_autoencoder(ae.autoencoder))))
-    config = ldm_config("sd-v1", [])
+    register_first_stage(monkeypatch, ae)
+    config = ldm_config("sd-v1")
     torch.manual_seed(0)
     source = randomized(latent.build(config, pretrained=False))
     register(monkeypatch, "test-sd", config, "test-sd.ckpt", params=count(source.unet))
