@@ -456,8 +456,9 @@ def fetch_official(name: str, *, directory=None) -> Path:
         if expected is not None and received != expected:
             raise CheckpointError(f"the download of {filename} from {url} stopped early: {received:,} of "
                                   f"{expected:,} bytes (its Content-Length). Run the command again to download it")
-        _check_size(tmp, filename, received, where=f"the file downloaded from {url}")
-        _check_published_sha256(filename, digest, where=f"the file downloaded from {url}")
+        where, advice = f"the file downloaded from {url}", "Nothing was kept: run the command again"
+        _check_size(filename, received, where=where, advice=advice)
+        _check_published_sha256(filename, digest, where=where, advice=advice)
         os.replace(tmp, path)
     except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as error:
         hint = ""
@@ -505,13 +506,14 @@ def verify_official(path, name: str | None = None) -> str:
     """
     path = Path(path)
     filename = _official_filename(name) if name is not None else path.name
-    _check_size(path, filename, path.stat().st_size, where=str(path))
+    advice = f"Delete {path} and download it again"
+    _check_size(filename, path.stat().st_size, where=str(path), advice=advice)
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(1 << 24):
             digest.update(chunk)
     digest = digest.hexdigest()
-    _check_published_sha256(filename, digest, where=str(path))
+    _check_published_sha256(filename, digest, where=str(path), advice=advice)
     sidecar = _sidecar(path)
     if not sidecar.is_file():
         sidecar.write_text(f"{digest}  {path.name}\n")
@@ -545,24 +547,23 @@ def minimum_size(filename: str) -> int | None:
     return 4 * min(counts) if counts else None
 
 
-def _check_size(path, filename: str, size: int, *, where: str) -> None:
+def _check_size(filename: str, size: int, *, where: str, advice: str) -> None:
+    """The size of `where` against the published size of `filename`, else against `minimum_size`."""
     published = PUBLISHED.get(filename)
     if published is not None and published.size is not None and size != published.size:
         raise CheckpointError(f"{where} has {size:,} bytes but the released {filename} has {published.size:,} "
-                              f"({published.source}): it is truncated or another file. Delete {path} and "
-                              "download it again")
+                              f"({published.source}): it is truncated or another file. {advice}")
     minimum = minimum_size(filename)
     if minimum is not None and size < minimum:
         raise CheckpointError(f"{where} has {size:,} bytes, fewer than the {minimum:,} that the float32 weights of "
-                              f"{filename} take (4 bytes per parameter): it is truncated or another file. Delete "
-                              f"{path} and download it again")
+                              f"{filename} take (4 bytes per parameter): it is truncated or another file. {advice}")
 
 
-def _check_published_sha256(filename: str, digest: str, *, where: str) -> None:
+def _check_published_sha256(filename: str, digest: str, *, where: str, advice: str) -> None:
     published = PUBLISHED.get(filename)
     if published is not None and published.sha256 is not None and digest != published.sha256:
         raise CheckpointError(f"{where} is not the released {filename}: its SHA-256 is {digest}, the publisher's is "
-                              f"{published.sha256} ({published.source}). Delete it and download it again")
+                              f"{published.sha256} ({published.source}). {advice}")
 
 
 def _sidecar(path: Path) -> Path:
