@@ -113,8 +113,11 @@ def test_every_official_preset_has_a_documented_url():
     for name in with_checkpoint:
         url = checkpoints.official_url(name)
         assert url.startswith(("https://openaipublic.blob.core.windows.net/diffusion/",  # OpenAI
-                               "https://ommer-lab.com/files/latent-diffusion/"))  # latent-diffusion's model zoo
-        assert url.endswith("/" + presets.info(name).checkpoint)
+                               "https://ommer-lab.com/files/latent-diffusion/",  # latent-diffusion's model zoo
+                               "https://huggingface.co/CompVis/"))  # Stable Diffusion v1-4
+        if name != "ldm-cin256-v2":  # released as nitro/cin/model.ckpt, kept as cin256-v2.ckpt
+            assert url.endswith("/" + presets.info(name).checkpoint)
+    assert checkpoints.official_url("ldm-cin256-v2").endswith("/nitro/cin/model.ckpt")
     assert checkpoints.official_url("adm-imagenet64").endswith("/jul-2021/64x64_diffusion.pt")
     assert checkpoints.official_url("iddpm-cifar10").endswith("/march-2021/cifar10_uncond_50M_500K.pt")
     with pytest.raises(KeyError, match="has no official checkpoint; presets with one: iddpm-cifar10"):
