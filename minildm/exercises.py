@@ -887,3 +887,122 @@ def check_plms_combination(plms_combination) -> None:
         _compare(mine, expected, f"plms_combination(eps_now, eps_history) with {history_length} previous eps",
                  "the Adams–Bashforth weights of order len(eps_history) + 1, for equal steps; they sum to 1",
                  mistakes=mistakes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 07: scaling up
+
+
+def _statistics_07(dim: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mean [dim] and a full-rank, non-diagonal covariance [dim, dim] (float64), as features would give."""
+    mean = torch.randn(dim, generator=generator, dtype=torch.float64)
+    factor = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim)
+    return mean, factor @ factor.T + 0.1 * torch.eye(dim, dtype=torch.float64)
+
+
+@_exercise("Exercise 1 (frechet_distance)")
+def check_frechet_distance(frechet_distance) -> None:
+    """frechet_distance(mu_a, sigma_a, mu_b, sigma_b) -> float: |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
+
+    mu [D], sigma [D, D] as numpy float64 arrays (what a statistics file holds); compared with
+    `metrics.gaussian_frechet_distance` for D = 2, 8 and 32 and non-commuting covariances.
+    """
+    from minildm import metrics
+
+    generator = torch.Generator().manual_seed(700)
+    for dim in (2, 8, 32):
+        (mu_a, sigma_a), (mu_b, sigma_b) = _statistics_07(dim, generator), _statistics_07(dim, generator)
+        expected = metrics.gaussian_frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+        mine = frechet_distance(mu_a.numpy().copy(), sigma_a.numpy().copy(), mu_b.numpy().copy(),
+                                sigma_b.numpy().copy())
+        if isinstance(mine, complex) or np.iscomplexobj(mine):
+            raise NotYet("the distance is complex: a matrix square root can carry tiny imaginary parts from "
+                         "rounding; keep the real part (scipy.linalg.sqrtm(...).real), as every FID code does")
+        mean_term = float((mu_a - mu_b).square().sum())
+        traces = float(sigma_a.trace() + sigma_b.trace())
+        elementwise = float((sigma_a * sigma_b).clamp(min=0).sqrt().sum())  # sqrt of the entries, not the matrix
+        diagonal = float((sigma_a.diagonal() * sigma_b.diagonal()).sqrt().sum())
+        _compare(mine, expected, f"frechet_distance for D = {dim}",
+                 "the matrix square root of the product S_a S_b (scipy.linalg.sqrtm), then its trace",
+                 mistakes=[(mean_term + traces - 2 * elementwise, "(S_a S_b)^(1/2) is a matrix square root, not the "
+                            "square root of each entry of S_a * S_b (an element-wise product)"),
+                           (mean_term + traces - 2 * diagonal, "the covariances are not diagonal: the trace of the "
+                            "matrix square root needs the whole matrices"),
+                           (mean_term + traces - _sqrt_trace_07(sigma_a, sigma_b), "the cross term is 2 Tr "
+                            "(S_a S_b)^(1/2): the factor 2 is missing"),
+                           (math.sqrt(mean_term) + traces - 2 * _sqrt_trace_07(sigma_a, sigma_b), "the mean term is "
+                            "the *squared* distance of the means")],
+                 rtol=1e-6, atol=1e-8)
+
+
+def _sqrt_trace_07(sigma_a: torch.Tensor, sigma_b: torch.Tensor) -> float:
+    """Tr (S_a S_b)^(1/2) from the eigenvalues of S_a S_b (real and >= 0 for PSD S_a, S_b)."""
+    return float(torch.linalg.eigvals(sigma_a @ sigma_b).real.clamp(min=0).sqrt().sum())
+
+
+@_exercise("Exercise 2 (rank_indices)")
+def check_rank_indices(rank_indices) -> None:
+    """rank_indices(num, batch_size, rank, world_size) -> the global sample indices process `rank` draws, in order.
+
+    Compared with `evaluation.shard` flattened: round k of world_size x batch_size indices gives process r the
+    batch [k W B + r B, k W B + (r + 1) B), cut at num. Several (num, B, W), every rank, uneven last rounds.
+    """
+    from minildm import evaluation
+
+    for num, batch_size, world_size in [(16, 4, 2), (10, 3, 2), (50, 4, 4), (7, 8, 2), (9, 2, 1), (23, 5, 3)]:
+        for rank in range(world_size):
+            expected = [i for batch in evaluation.shard(num, batch_size, rank, world_size) for i in batch]
+            try:
+                mine = [int(i) for i in rank_indices(num, batch_size, rank, world_size)]
+            except TypeError:
+                raise NotYet("rank_indices should return a list (or any iterable) of integers") from None
+            if mine == expected:
+                continue
+            case = f"num={num}, batch_size={batch_size}, rank={rank}, world_size={world_size}"
+            if mine == list(range(rank, num, world_size)):
+                hint = "each process takes whole batches of consecutive indices per round, not every W-th index"
+            elif sorted(mine) == sorted(expected):
+                hint = "the right indices in the wrong order: round by round, each batch in increasing order"
+            elif set(mine) < set(expected):
+                hint = "some indices are missing: the last round may be partial, cut it at num instead of dropping it"
+            elif any(i >= num for i in mine):
+                hint = "indices must stay below num: cut the last round at num"
+            else:
+                hint = "round k holds the W x B indices from k W B on; process r takes the r-th batch of B of them"
+            raise NotYet(f"for {case} you return {len(mine)} indices {mine[:6]}...; the process draws "
+                         f"{len(expected)} others. Hint: {hint}")
+    union = sorted(i for r in range(3) for i in rank_indices(23, 5, r, 3))
+    if union != list(range(23)):
+        raise NotYet("together the processes must draw every index 0 .. num - 1 exactly once")
+
+
+@_exercise("Exercise 3 (to_bfloat16)")
+def check_to_bfloat16(to_bfloat16) -> None:
+    """to_bfloat16(x) -> float32 tensor: x float32 rounded to the nearest bfloat16 (ties to even), by bit operations.
+
+    Compared with `x.to(torch.bfloat16).float()` on random magnitudes, exact ties and values near powers of two.
+    """
+    generator = torch.Generator().manual_seed(707)
+    x = torch.randn(4096, generator=generator) * torch.logspace(-20, 20, 4096, base=2.0)
+    ties = (torch.arange(1, 257, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)  # halfway between two
+    near_powers = torch.tensor([1.0, 2.0, 0.5, 1.0 - 2**-24, 2.0 - 2**-23, 3.0e38], dtype=torch.float32)
+    x = torch.cat([x, ties, -ties, near_powers, -near_powers])
+    expected = x.to(torch.bfloat16).float()
+    mine = to_bfloat16(x.clone())
+    if not isinstance(mine, torch.Tensor):
+        raise NotYet(f"to_bfloat16 should return a tensor, got {type(mine).__name__}")
+    if mine.dtype != torch.float32:
+        raise NotYet(f"return the rounded values as float32 (the bfloat16 value widened), not {mine.dtype}")
+    if torch.equal(mine, x.half().float()):  # float16 overflows to inf above 65504, so compare before _compare
+        raise NotYet("that is float16 (5 exponent bits, 10 mantissa bits; inf above 65504); bfloat16 keeps "
+                     "float32's 8 exponent bits and 7 mantissa bits")
+    bits = x.view(torch.int32)
+    truncated = (bits & ~0xFFFF).view(torch.float32)
+    half_up = ((bits + 0x8000) & ~0xFFFF).view(torch.float32)
+    _compare(mine, expected, "to_bfloat16(x)",
+             "keep the top 16 bits (sign, 8 exponent bits, 7 mantissa bits) after adding 0x7FFF plus the lowest kept "
+             "bit, so that exact halves round to the even neighbour",
+             mistakes=[(truncated, "dropping the low 16 bits rounds towards zero; round to the nearest instead"),
+                       (half_up, "exact halves must round to the even neighbour (add 0x7FFF + the lowest kept bit), "
+                        "not always up")],
+             rtol=0, atol=0)

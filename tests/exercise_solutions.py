@@ -184,3 +184,25 @@ def plms_combination(eps_now, eps_history):
     if len(eps_history) == 2:
         return (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
     return (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24
+
+
+def frechet_distance(mu_a, sigma_a, mu_b, sigma_b):
+    # |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)); Tr of the square root = sum of sqrt(eigenvalues of S_a S_b)
+    trace_sqrt = np.sqrt(np.linalg.eigvals(sigma_a @ sigma_b).real.clip(min=0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_sqrt)
+
+
+def rank_indices(num, batch_size, rank, world_size):
+    # round k: indices [k W B, (k + 1) W B); process r takes the r-th batch of B of them, cut at num
+    per_round = world_size * batch_size
+    indices = []
+    for start in range(rank * batch_size, num, per_round):
+        indices += range(start, min(start + batch_size, num))
+    return indices
+
+
+def to_bfloat16(x):
+    # round to nearest, ties to even: add 0x7FFF plus the lowest bit kept, then clear the 16 dropped bits
+    bits = x.view(torch.int32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & ~0xFFFF
+    return rounded.view(torch.float32)

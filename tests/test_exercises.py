@@ -531,12 +531,110 @@ def test_chapter_06_layout_check_takes_tensors_and_reports_a_wrong_return(capsys
     assert exercises.check_layout_tokens(two_tokens) is False
     assert "should return three tokens" in verdict(capsys)
 
+# ---------------------------------------------------------------------------------------------
+# Typical mistakes, chapter 07
+
+
+def frechet_elementwise_sqrt(mu_a, sigma_a, mu_b, sigma_b):  # sqrt of each entry of S_a * S_b
+    cross = np.sqrt((sigma_a * sigma_b).clip(min=0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * cross)
+
+
+def frechet_diagonal(mu_a, sigma_a, mu_b, sigma_b):  # treats the covariances as diagonal
+    cross = np.sqrt(np.diag(sigma_a) * np.diag(sigma_b)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * cross)
+
+
+def frechet_without_two(mu_a, sigma_a, mu_b, sigma_b):
+    cross = np.sqrt(np.linalg.eigvals(sigma_a @ sigma_b).real.clip(min=0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - cross)
+
+
+def frechet_mean_not_squared(mu_a, sigma_a, mu_b, sigma_b):
+    cross = np.sqrt(np.linalg.eigvals(sigma_a @ sigma_b).real.clip(min=0)).sum()
+    return float(np.linalg.norm(mu_a - mu_b) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * cross)
+
+
+def frechet_complex(mu_a, sigma_a, mu_b, sigma_b):  # keeps sqrtm's complex dtype
+    return complex(solutions.frechet_distance(mu_a, sigma_a, mu_b, sigma_b))
+
+
+def rank_indices_strided(num, batch_size, rank, world_size):
+    return list(range(rank, num, world_size))
+
+
+def rank_indices_contiguous_blocks(num, batch_size, rank, world_size):  # one block of num / W per process
+    per_rank = math.ceil(num / world_size)
+    return list(range(rank * per_rank, min((rank + 1) * per_rank, num)))
+
+
+def rank_indices_dropping_the_last_round(num, batch_size, rank, world_size):
+    per_round = world_size * batch_size
+    return [i for start in range(rank * batch_size, num - per_round + 1, per_round)
+            for i in range(start, start + batch_size)]
+
+
+def rank_indices_past_num(num, batch_size, rank, world_size):
+    per_round = world_size * batch_size
+    return [i for start in range(rank * batch_size, num, per_round) for i in range(start, start + batch_size)]
+
+
+def bfloat16_truncated(x):
+    return (x.view(torch.int32) & ~0xFFFF).view(torch.float32)
+
+
+def bfloat16_half_up(x):
+    return ((x.view(torch.int32) + 0x8000) & ~0xFFFF).view(torch.float32)
+
+
+def bfloat16_is_float16(x):
+    return x.half().float()
+
+
+def bfloat16_returned_as_bfloat16(x):
+    return x.to(torch.bfloat16)
+
+
+CASES_07 = {
+    "frechet_distance": (exercises.check_frechet_distance, solutions.frechet_distance,
+                         [frechet_elementwise_sqrt, frechet_diagonal, frechet_without_two, frechet_mean_not_squared,
+                          frechet_complex]),
+    "rank_indices": (exercises.check_rank_indices, solutions.rank_indices,
+                     [rank_indices_strided, rank_indices_contiguous_blocks, rank_indices_dropping_the_last_round,
+                      rank_indices_past_num]),
+    "to_bfloat16": (exercises.check_to_bfloat16, solutions.to_bfloat16,
+                    [bfloat16_truncated, bfloat16_half_up, bfloat16_is_float16, bfloat16_returned_as_bfloat16]),
+}
+
+
+def test_chapter_07_hints_name_the_mistake(capsys):
+    expected = {
+        frechet_elementwise_sqrt: "not the square root of each entry",
+        frechet_diagonal: "the covariances are not diagonal",
+        frechet_without_two: "the factor 2 is missing",
+        frechet_mean_not_squared: "*squared* distance of the means",
+        frechet_complex: "keep the real part",
+        rank_indices_strided: "not every W-th index",
+        rank_indices_contiguous_blocks: "round k holds",
+        rank_indices_dropping_the_last_round: "cut it at num instead of dropping it",
+        rank_indices_past_num: "must stay below num",
+        bfloat16_truncated: "rounds towards zero",
+        bfloat16_half_up: "even neighbour",
+        bfloat16_is_float16: "that is float16",
+        bfloat16_returned_as_bfloat16: "as float32",
+    }
+    for mistake, phrase in expected.items():
+        name = next(name for name, (_, _, mistakes) in CASES_07.items() if mistake in mistakes)
+        CASES_07[name][0](mistake)
+        out = verdict(capsys)
+        assert phrase in out, (mistake.__name__, out)
+
 
 # ---------------------------------------------------------------------------------------------
 # Every chapter's checks: each accepts its reference solution, rejects each typical mistake, answers a stub.
 
-ALL_CASES = {**CASES, **CASES_04, **CASES_05, **CASES_06}
-assert len(ALL_CASES) == len(CASES) + len(CASES_04) + len(CASES_05) + len(CASES_06)  # no name used twice
+ALL_CASES = {**CASES, **CASES_04, **CASES_05, **CASES_06, **CASES_07}
+assert len(ALL_CASES) == len(CASES) + len(CASES_04) + len(CASES_05) + len(CASES_06) + len(CASES_07)  # no name twice
 MISTAKES = [(name, mistake) for name, (_, _, mistakes) in ALL_CASES.items() for mistake in mistakes]
 
 
