@@ -1,4 +1,4 @@
-"""Command line: `python -m minildm {presets,train,sample,bpd,info} ...` (also installed as `minildm`).
+"""Command line: `python -m minildm {presets,train,sample,fid,bpd,info} ...` (also installed as `minildm`).
 
     python -m minildm presets                                   # the preset table, with parameter counts
     python -m minildm train toy-shapes train.max_steps=500      # train a preset, key=value overrides
@@ -10,6 +10,9 @@
     python -m minildm sample ddpm-shapes.safetensors --classifier shapes-classifier.safetensors --classifier-scale 4
     python -m minildm sample ddpm-shapes-cond.safetensors --guidance-scale 3   # classifier-free guidance
     python -m minildm sample ldm-shapes-text.safetensors --prompt "a large red circle on the left" --sampler plms
+    python -m minildm sample adm-imagenet64 --num 50000 --batch-size 256 --out samples.npz   # ADM's .npz batch
+    torchrun --nproc_per_node 8 -m minildm sample adm-imagenet64 --num-samples 50000 --out samples.npz  # same file
+    python -m minildm fid samples.npz VIRTUAL_imagenet64_labeled.npz   # FID, IS, KID, precision/recall
     python -m minildm bpd runs/toy-shapes/checkpoint.safetensors --num 64
 """
 
@@ -111,20 +114,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(run=_train)
 
-    p = commands.add_parser("sample", help="write a PNG grid of samples from a checkpoint",
+    p = commands.add_parser("sample", help="write samples of a checkpoint: a PNG grid, or an .npz batch for FID",
                             description="Sample from CHECKPOINT (a .safetensors file written by training, or the "
-                                        "name of a preset with an official checkpoint, downloaded on first use).")
+                                        "name of a preset with an official checkpoint, downloaded on first use). "
+                                        "Sample i draws its noise and class from its own stream seeded from "
+                                        "(--seed, i): the same samples for any --batch-size and any number of "
+                                        "processes (torchrun shards the indices; rank 0 writes --out).")
     p.add_argument("checkpoint", help="checkpoint file, or a preset name such as adm-imagenet64")
-    p.add_argument("--num", type=_positive, default=16, help="number of samples (default 16)")
+    p.add_argument("--num", "--num-samples", dest="num", type=_positive, default=16,
+                   help="number of samples (default 16; FID: 50000). Under torchrun write --num-samples: torchrun's "
+                        "own parser reads --num as an abbreviation of its --numa-binding")
+    p.add_argument("--batch-size", type=_positive, default=64, help="samples per batch and process (default 64)")
     p.add_argument("--sampler", choices=("ddim", "ddpm", "plms"), default="ddim",
                    help="DDIM, ancestral DDPM or LDM's PLMS (latent diffusion checkpoints; default ddim)")
     p.add_argument("--steps", type=_positive, default=50, help="sampling steps, respaced evenly over T (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    p.add_argument("--out", default="samples.png",
+                   help="output: a .png grid (default samples.png) or an .npz batch in ADM's layout (arr_0 uint8 "
+                        "[N, H, W, C], arr_1 labels) for `python -m minildm fid` and ADM's evaluator")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights when the checkpoint has them (default: yes)")
     p.add_argument("--class", dest="label", type=int, help="class label for class-conditional models "
-                                                           "(default: cycle over the classes)")
+                                                           "(default: drawn uniformly per sample, as ADM)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance w for class-conditional models trained with a null class: "
                         "eps_null + w (eps_class - eps_null); 1 = no guidance (default), 0 = unconditional")
@@ -137,6 +148,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(run=_sample)
+
+    p = commands.add_parser("fid", help="FID (and IS, KID, precision/recall) of a sample batch against a reference",
+                            description="The FID protocol: FID of SAMPLES (an .npz from `sample --out x.npz`, or a "
+                                        "folder of images) against REFERENCE: an .npz of images (arr_0), ADM's "
+                                        "reference batch (its mu and sigma are used), a statistics file written by "
+                                        "--save-stats, or a folder of images. Papers use 50,000 samples against the "
+                                        "training set's statistics; compare only numbers computed the same way. "
+                                        "With REFERENCE alone and --save-stats: compute its statistics once.",
+                            epilog="python -m minildm fid samples.npz VIRTUAL_imagenet64_labeled.npz\n"
+                                   "python -m minildm fid data/cifar10-train-png/ --save-stats cifar10_stats.npz\n"
+                                   "python -m minildm fid samples.npz cifar10_stats.npz",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="SAMPLES REFERENCE", help="sample batch and reference, or the "
+                                                                          "reference alone with --save-stats")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="write the reference's Inception statistics (mu, sigma)")
+    p.add_argument("--fid-only", action="store_true", help="FID only (no IS, KID, precision/recall)")
+    p.add_argument("--batch-size", type=_positive, default=250, help="images per Inception batch (default 250)")
+    p.add_argument("--weights", help="Inception weights file (default: torch hub's cache, downloaded once)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(run=_fid)
 
     p = commands.add_parser("bpd", help="bits/dim (the variational bound) on held-out data",
                             description="Negative log-likelihood bound in bits/dim (Ho et al. 2020, Eq. 5) of "
@@ -230,41 +261,99 @@ def _load(args, checkpoint=None):
 
 
 def _sample(args) -> int:
-    import minildm
-    from minildm import checkpoints, progress, train
+    """Sample a checkpoint to a .png grid or an .npz batch, sharded over the processes under torchrun."""
+    import torch
+    import torch.distributed as dist
 
-    if Path(args.checkpoint).is_file() and "latent" in checkpoints.read_metadata(args.checkpoint)["extra"]:
+    import minildm
+    from minildm import evaluation, progress, train
+
+    out = evaluation.check_output(args.out, (".png", ".npz"))  # before sampling: a long run must not fail at its end
+    if _is_latent(args.checkpoint):
+        if out.suffix.lower() == ".npz":
+            raise ValueError("--out .npz: batches for FID are written for pixel-space checkpoints; sample a latent "
+                             "diffusion checkpoint to a .png grid (or from Python with minildm.latent.sample)")
         return _sample_latent(args)
     if args.sampler == "plms" or args.prompt is not None:
         raise ValueError("--sampler plms and --prompt are for latent diffusion checkpoints (experiments.latent); "
                          f"{args.checkpoint} is not one")
-    model, config = _load(args)
-    if config.unet.super_res and config.model == "unet":
-        raise ValueError("super-resolution models need low-resolution inputs; sample them from Python "
-                         "(model_kwargs={'low_res': ...})")
-    classifier = None
-    if args.classifier:
-        classifier, classifier_config = _load(args, args.classifier)
-        if classifier_config.model != "classifier":
-            raise ValueError(f"--classifier {args.classifier} holds a {classifier_config.model!r} model, not a "
-                             "noise-aware classifier (train one with `python -m minildm train shapes-classifier`)")
-    y = None
-    if args.label is not None:
-        classes = config.unet.num_classes if config.model == "unet" else 0
-        if classifier is not None and classes == 0:
-            classes = classifier_config.classifier.out_channels
-        if classes == 0:
-            raise ValueError(f"--class {args.label}: this model is unconditional (unet.num_classes=0); "
-                             "leave --class out, or guide it with --classifier")
-        if not 0 <= args.label < classes:
-            raise ValueError(f"--class {args.label}: this model has classes 0 .. {classes - 1}")
-        y = [args.label] * args.num
-    samples = train.generate(model, minildm.build_diffusion(config), config, args.num, sampler=args.sampler,
-                             steps=args.steps, eta=args.eta, seed=args.seed, y=y, progress_bar=progress.enabled(),
-                             guidance_scale=args.guidance_scale, classifier=classifier,
-                             classifier_scale=args.classifier_scale if classifier is not None else 0.0)
-    path = train.save_grid(samples, args.out)
-    print(f"wrote {len(samples)} samples to {path}")
+    env = train.setup_distributed(_device(args.device))
+    args.device = str(env.device)  # under torchrun: this process's GPU, cuda:LOCAL_RANK
+    try:
+        model, config = _load(args)
+        if config.unet.super_res and config.model == "unet":
+            raise ValueError("super-resolution models need low-resolution inputs; sample them from Python "
+                             "(model_kwargs={'low_res': ...})")
+        classifier = None
+        if args.classifier:
+            classifier, classifier_config = _load(args, args.classifier)
+            if classifier_config.model != "classifier":
+                raise ValueError(f"--classifier {args.classifier} holds a {classifier_config.model!r} model, not a "
+                                 "noise-aware classifier (train one with `python -m minildm train shapes-classifier`)")
+        if args.label is not None:
+            classes = config.unet.num_classes if config.model == "unet" else 0
+            if classifier is not None and classes == 0:
+                classes = classifier_config.classifier.out_channels
+            if classes == 0:
+                raise ValueError(f"--class {args.label}: this model is unconditional (unet.num_classes=0); "
+                                 "leave --class out, or guide it with --classifier")
+            if not 0 <= args.label < classes:
+                raise ValueError(f"--class {args.label}: this model has classes 0 .. {classes - 1}")
+        if config.model != "unet":  # the 2-D toy: a scatter plot of points, one process
+            if out.suffix.lower() == ".npz":
+                raise ValueError("--out .npz holds images; this checkpoint is the 2-D toy: give --out points.png")
+            samples = train.generate(model, minildm.build_diffusion(config), config, args.num, sampler=args.sampler,
+                                     steps=args.steps, eta=args.eta, seed=args.seed)
+        else:
+            images, labels = evaluation.sample_images(
+                model, config, args.num, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
+                eta=args.eta, seed=args.seed, label=args.label, guidance_scale=args.guidance_scale,
+                classifier=classifier, classifier_scale=args.classifier_scale if classifier is not None else 0.0,
+                progress=progress.enabled())
+            samples = None if images is None else torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        if env.main:
+            if out.suffix.lower() == ".npz":
+                path = evaluation.write_npz(out, images, labels)
+            else:
+                path = train.save_grid(samples, out)
+            print(f"wrote {len(samples)} samples to {path}")
+    finally:
+        if env.started_here:
+            dist.destroy_process_group()
+    return 0
+
+
+def _is_latent(checkpoint: str) -> bool:
+    """Whether CHECKPOINT is a latent diffusion model: a file that says so, or a latent preset's name."""
+    from minildm import checkpoints, latent
+
+    if Path(checkpoint).is_file():
+        return "latent" in checkpoints.read_metadata(checkpoint)["extra"]
+    return not Path(checkpoint).exists() and latent.is_latent_preset(checkpoint)
+
+
+def _fid(args) -> int:
+    """The FID protocol (`evaluation.fid_report`), or the reference's statistics alone (`--save-stats`)."""
+    import json
+
+    from minildm import evaluation, metrics
+
+    if len(args.inputs) > 2:
+        raise ValueError(f"fid takes SAMPLES REFERENCE (or REFERENCE alone with --save-stats); got {len(args.inputs)} "
+                         "paths")
+    options = {"batch_size": args.batch_size, "device": _device(args.device), "weights_path": args.weights}
+    if len(args.inputs) == 1 and args.save_stats is None:
+        raise ValueError("fid needs SAMPLES and REFERENCE, e.g. `python -m minildm fid samples.npz reference.npz`; "
+                         "with one path, add --save-stats OUT.npz to compute that reference's statistics")
+    try:
+        if len(args.inputs) == 1:
+            report = evaluation.reference_statistics(args.inputs[0], args.save_stats, **options)
+        else:
+            report = evaluation.fid_report(*args.inputs, save_stats=args.save_stats, fid_only=args.fid_only, **options)
+    except metrics.InceptionWeightsUnavailable as error:  # offline: the message names the file, URL and folder
+        print(f"minildm fid: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
     return 0
 
 

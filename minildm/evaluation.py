@@ -158,9 +158,9 @@ def sample_images(model, config, num: int, *, batch_size: int = 64, sampler: str
     model, cond_fn, classes = guided(model, config, guidance_scale=guidance_scale, classifier=classifier,
                                      classifier_scale=classifier_scale, device=device)
     if label is not None and not 0 <= label < max(classes, 1):
-        raise ValueError(f"label {label}: this model has classes 0 .. {classes - 1}" if classes else
-                         f"label {label}: this model is unconditional (unet.num_classes=0); leave the class out, "
-                         "or guide it with a classifier")
+        raise ValueError(f"class (--class) {label}: this model has classes 0 .. {classes - 1}" if classes else
+                         f"class (--class) {label}: this model is unconditional (unet.num_classes=0); leave the class "
+                         "out, or guide it with a classifier (--classifier)")
     diffusion = minildm.build_diffusion(config)
     side, channels = config.unet.image_size, config.unet.in_channels
     images = np.empty((num, side, side, channels), np.uint8) if rank == 0 else None
@@ -281,7 +281,7 @@ def read_batches(path, batch_size: int = 500) -> Iterator[np.ndarray]:
         row = int(np.prod(shape[1:]))
         for start in range(0, shape[0], batch_size):
             count = min(batch_size, shape[0] - start)
-            batch = np.frombuffer(member.read(count * row), np.uint8).reshape(count, *shape[1:])
+            batch = np.frombuffer(bytearray(member.read(count * row)), np.uint8).reshape(count, *shape[1:])
             yield np.repeat(batch, 3, axis=-1) if shape[-1] == 1 else batch  # Inception reads RGB
 
 
@@ -357,8 +357,8 @@ def save_statistics(path, mu: np.ndarray, sigma: np.ndarray, num: int) -> Path:
 
 
 def fid_report(samples, reference, *, save_stats=None, fid_only: bool = False, batch_size: int = 250, device=None,
-               weights_path=None, splits: int = 10, kid_subsets: int = 100, kid_subset_size: int = 1000, k: int = 3,
-               seed: int = 0) -> dict:
+               weights_path=None, inception=None, splits: int = 10, kid_subsets: int = 100,
+               kid_subset_size: int = 1000, k: int = 3, seed: int = 0) -> dict:
     """FID of `samples` against `reference` (each an .npz batch, a statistics .npz or a folder), and, where both
     hold images, IS, KID and precision/recall: what `python -m minildm fid` prints.
 
@@ -367,6 +367,8 @@ def fid_report(samples, reference, *, save_stats=None, fid_only: bool = False, b
     (`metrics.load_inception`, TF1 resize as ADM's evaluator) scores both sets: FID (`metrics.gaussian_frechet_distance`
     of the fitted Gaussians), IS on the samples' logits, KID and k-NN precision/recall on the two feature sets
     (computed on `device`). fid_only skips all but FID (and the reference's images when it has statistics).
+    inception: an Inception already loaded with `metrics.load_inception(..., antialias=False)` (loading takes
+    seconds: pass one to score many batches); default: loaded from `weights_path` or torch hub's cache.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sample_source, reference_source = read_source(samples), read_source(reference)
@@ -375,7 +377,8 @@ def fid_report(samples, reference, *, save_stats=None, fid_only: bool = False, b
         if not reference_source["images"]:
             raise ValueError(f"--save-stats: {reference} holds statistics, not images; give the reference images "
                              "(an .npz with arr_0 or a folder) to compute statistics from")
-    inception = metrics.load_inception(weights_path, device, antialias=False)
+    if inception is None:
+        inception = metrics.load_inception(weights_path, device, antialias=False)
     report = {"num_samples": None, "num_reference": None}
     fake = real = None
     if sample_source["images"]:
@@ -386,17 +389,19 @@ def fid_report(samples, reference, *, save_stats=None, fid_only: bool = False, b
     if reference_source["images"] and wants_reference_images:
         real, _ = image_features(reference, inception, batch_size)
         report["num_reference"] = len(real)
-    mu_fake, sigma_fake = (sample_source["mu"], sample_source["sigma"]) if fake is None else statistics(fake)
-    if reference_source["mu"] is not None:
-        mu_real, sigma_real = reference_source["mu"], reference_source["sigma"]
-        report["reference_statistics"] = f"read from {reference} ({reference_source['extractor']})"
-    else:
-        mu_real, sigma_real = statistics(real)
-        report["reference_statistics"] = f"computed from the {len(real)} images of {reference}"
     if save_stats is not None:
-        mu_saved, sigma_saved = statistics(real)
-        report["saved_statistics"] = str(save_statistics(save_stats, mu_saved, sigma_saved, len(real)))
-    report["fid"] = metrics.gaussian_frechet_distance(mu_fake, sigma_fake, mu_real, sigma_real)
+        report["saved_statistics"] = str(save_statistics(save_stats, *statistics(real), len(real)))
+    if reference_source["mu"] is None:
+        report["reference_statistics"] = f"computed from the {len(real)} images of {reference}"
+    else:
+        report["reference_statistics"] = f"read from {reference} ({reference_source['extractor']})"
+    if fake is not None and reference_source["mu"] is None:  # both feature sets: the Fréchet distance of their fits
+        report["fid"] = metrics.frechet_distance(fake, real)
+    else:  # statistics on one side at least: the Fréchet distance of the two Gaussians
+        mu_fake, sigma_fake = statistics(fake) if fake is not None else (sample_source["mu"], sample_source["sigma"])
+        mu_real, sigma_real = statistics(real) if reference_source["mu"] is None else \
+            (reference_source["mu"], reference_source["sigma"])
+        report["fid"] = metrics.gaussian_frechet_distance(mu_fake, sigma_fake, mu_real, sigma_real)
     if not fid_only and fake is not None:
         report.update(_other_metrics(fake, fake_logits, real, device, splits, kid_subsets, kid_subset_size, k, seed))
     if report["num_samples"] is not None and report["num_samples"] < 50_000:
@@ -409,7 +414,7 @@ def _other_metrics(fake, fake_logits, real, device, splits, kid_subsets, kid_sub
     """IS of the samples; KID and precision/recall when the reference's features are there too."""
     score = metrics.inception_score(fake_logits, min(splits, len(fake)), generator=torch.Generator().manual_seed(seed))
     out = {"inception_score": score["mean"], "inception_score_std": score["std"]}
-    if real is not None:
+    if real is not None and min(len(real), len(fake)) > k:  # k-NN radii need more than k points per set
         kid = metrics.kernel_inception_distance(real, fake, subsets=kid_subsets,
                                                 subset_size=min(kid_subset_size, len(real), len(fake)),
                                                 generator=torch.Generator().manual_seed(seed))
@@ -417,7 +422,8 @@ def _other_metrics(fake, fake_logits, real, device, splits, kid_subsets, kid_sub
     return out
 
 
-def reference_statistics(reference, out, *, batch_size: int = 250, device=None, weights_path=None) -> dict:
+def reference_statistics(reference, out, *, batch_size: int = 250, device=None, weights_path=None,
+                         inception=None) -> dict:
     """Compute the Inception statistics (mu, sigma) of the reference images once and write them to `out`
     (`python -m minildm fid REFERENCE --save-stats out.npz`); returns {"num_reference", "saved_statistics"}."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -425,6 +431,8 @@ def reference_statistics(reference, out, *, batch_size: int = 250, device=None, 
     if not read_source(reference)["images"]:
         raise ValueError(f"--save-stats: {reference} holds statistics, not images; give the reference images "
                          "(an .npz with arr_0 or a folder) to compute statistics from")
-    real, _ = image_features(reference, metrics.load_inception(weights_path, device, antialias=False), batch_size)
+    if inception is None:
+        inception = metrics.load_inception(weights_path, device, antialias=False)
+    real, _ = image_features(reference, inception, batch_size)
     mu, sigma = statistics(real)
     return {"num_reference": len(real), "saved_statistics": str(save_statistics(out, mu, sigma, len(real)))}

@@ -72,10 +72,23 @@ def gaussian_frechet_distance(mean_a, cov_a, mean_b, cov_b) -> float:
 
 
 def frechet_distance(features_a, features_b) -> float:
-    """Fréchet distance between Gaussians fitted (mean, unbiased covariance) to features [N_a, D] and [N_b, D]."""
+    """Fréchet distance between Gaussians fitted (mean, unbiased covariance) to features [N_a, D] and [N_b, D].
+
+    With few points (N_a N_b < D^2, e.g. 1,000 Inception features of 2048 dimensions) the covariances are
+    S = A A^T with A = (X - mean)^T / sqrt(N - 1) [D, N], and Tr (S_a S_b)^(1/2) is the sum of the singular
+    values of A_a^T A_b [N_a, N_b] (the nonzero eigenvalues of S_a S_b are those of (A_a^T A_b)(A_a^T A_b)^T):
+    exact, and no D x D eigendecomposition.
+    """
+    features_a, features_b = (torch.as_tensor(f).detach().to("cpu", torch.float64) for f in (features_a, features_b))
     mean_a, cov_a = _gaussian(features_a)
     mean_b, cov_b = _gaussian(features_b)
-    return gaussian_frechet_distance(mean_a, cov_a, mean_b, cov_b)
+    (n_a, dim), n_b = features_a.shape, len(features_b)
+    if n_a * n_b >= dim * dim:
+        return gaussian_frechet_distance(mean_a, cov_a, mean_b, cov_b)
+    centred_a, centred_b = features_a - mean_a, features_b - mean_b
+    trace_sqrt = torch.linalg.svdvals(centred_a @ centred_b.T).sum() / ((n_a - 1) * (n_b - 1)) ** 0.5
+    value = (mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt
+    return max(value.item(), 0.0)
 
 
 def _gaussian(features) -> tuple[torch.Tensor, torch.Tensor]:
