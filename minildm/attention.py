@@ -184,11 +184,13 @@ class SpatialTransformer(nn.Module):
 
     GroupNorm (plain, eps 1e-6), 1x1 proj_in to heads * dim_head channels, the H*W pixels as tokens through
     `depth` BasicTransformerBlocks, 1x1 proj_out (zero-initialised: the block starts as the identity), + x.
+    use_checkpoint: recompute the block in backward (`torch.utils.checkpoint`, as LDM's `checkpoint=True`).
     """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1, context_dim: int | None = None,
-                 dropout: float = 0.0, norm_groups: int = 32):
+                 dropout: float = 0.0, norm_groups: int = 32, use_checkpoint: bool = False):
         super().__init__()
+        self.use_checkpoint = use_checkpoint
         inner = heads * dim_head
         self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6, affine=True)
         self.proj_in = nn.Conv2d(channels, inner, 1)
@@ -198,6 +200,11 @@ class SpatialTransformer(nn.Module):
         self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, context, use_reentrant=False)
+        return self._forward(x, context)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         n, _, height, width = x.shape
         h = self.proj_in(self.norm(x))
         inner = h.shape[1]

@@ -13,7 +13,8 @@ One step (DDPM Algorithm 1, with the usual engineering):
                `noisy_classifier_objective`: CE(classifier(x_t, t), y)  ADM's noise-aware classifier
                `metrics.evaluator_objective`: CE(net(x0), y) + outliers  the shapes evaluator (`train(model=...)`)
                `AutoencoderObjective`: L1 + perceptual + KL/codebook + GAN  LDM's first stage
-    AdamW step with linear warmup (then constant or cosine), gradient-norm clipping, mixed precision on CUDA
+    AdamW step with linear warmup (then constant or cosine), gradient-norm clipping, mixed precision
+               (train.precision: bf16 autocast on CUDA or CPU, fp16 + GradScaler on CUDA)
     adversary step (only for an objective with an `adversary`, e.g. the autoencoder's discriminator):
                its own AdamW on objective.adversary_loss(), same learning rate; saved as a named module
     ema     <- d * ema + (1 - d) * model, d = min(decay, (1+k)/(10+k))  the weights that are sampled
@@ -24,6 +25,11 @@ draw their own), so a checkpoint needs only weights, EMA, optimizer, scaler
 and step to continue bit for bit. Multi-GPU: run the same command under
 `torchrun --nproc_per_node N`; each process takes every N-th sample of the global batch
 `train.batch_size` and DistributedDataParallel averages the gradients.
+
+Scale features (each tested on the CPU, tests/test_scale.py): `train.grad_accum = k` splits each process's share
+into k micro-batches whose gradients add up to the whole batch's (DDP syncs on the last one only: `no_sync`);
+`unet.use_checkpoint` recomputes each ResBlock / attention block in backward (same gradients, fewer saved
+activations: `minildm.memory.estimate`); `train.compile` runs the network through `torch.compile`.
 """
 
 from __future__ import annotations
@@ -168,6 +174,20 @@ def default_objective(config, diffusion, model=None):
     return diffusion_objective(diffusion)
 
 
+def micro_batch_size(batch_size: int, grad_accum: int = 1, world_size: int = 1) -> int:
+    """Examples in one forward/backward of one process: batch_size / (grad_accum * world_size), which must divide.
+
+    The optimizer steps once per global batch of `batch_size` examples, whatever the split, so the recipe (lr,
+    warm-up, EMA) does not change with the number of GPUs or accumulation steps.
+    """
+    if batch_size % (grad_accum * world_size):
+        raise config_lib.ConfigError(
+            f"train.batch_size={batch_size} is not divisible by train.grad_accum={grad_accum} x {world_size} "
+            f"process(es) = {grad_accum * world_size}: each micro-batch must hold the same number of examples; pick "
+            "a batch size that is a multiple of it, or another train.grad_accum")
+    return batch_size // (grad_accum * world_size)
+
+
 class Trained(NamedTuple):
     """What `train` returns: the trained network and its EMA copy (eval mode), unwrapped from DDP."""
 
@@ -305,12 +325,21 @@ def setup_distributed(device=None) -> Distributed:
 
 
 def _precision(config_precision: str, device: torch.device):
-    """(autocast dtype or None, use GradScaler) for a `train.precision` setting; mixed precision is CUDA-only."""
+    """(autocast dtype or None, use GradScaler) for a `train.precision` setting.
+
+    auto: bf16 on CUDA (fp16 on GPUs without bf16), fp32 elsewhere. bf16: autocast to bfloat16 on CUDA and on
+    the CPU, no scaler (bf16 has fp32's exponent range). fp16: autocast to float16 with a GradScaler (loss
+    scaling keeps small gradients from flushing to zero) on CUDA only; elsewhere a warning and fp32 (PyTorch's
+    CPU fp16 kernels are partial and slow; use bf16 there). The weights, gradients and AdamW stay fp32.
+    """
     if config_precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"train.precision={config_precision!r}; use auto, fp32, bf16 or fp16")
     if device.type != "cuda":
+        if config_precision == "bf16" and device.type == "cpu":
+            return torch.bfloat16, False
         if config_precision in ("bf16", "fp16"):
-            warnings.warn(f"train.precision={config_precision} needs CUDA; training in fp32 on {device}")
+            hint = "; bf16 autocast runs on the CPU (train.precision=bf16)" if device.type == "cpu" else ""
+            warnings.warn(f"train.precision={config_precision} needs CUDA; training in fp32 on {device}{hint}")
         return None, False
     if config_precision == "auto":
         config_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -487,6 +516,10 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
             if env.world_size > 1:
                 raise NotImplementedError("objectives with an adversary (the autoencoder's discriminator) train in "
                                           "one process; run without torchrun")
+            if cfg.grad_accum > 1:
+                raise config_lib.ConfigError(f"train.grad_accum={cfg.grad_accum}: an objective with an adversary "
+                                             "(the autoencoder's discriminator) takes one batch per step; set "
+                                             "train.grad_accum=1 and lower train.batch_size to fit memory")
             adversary.to(device).train()
             adversary_optimizer = torch.optim.AdamW(adversary.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                                     weight_decay=cfg.weight_decay)
@@ -521,6 +554,7 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
                              f"set {classes_key}={dataset_classes}")
         sampler = StepBatches(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=step, rank=env.rank,
                               world_size=env.world_size)
+        micro = micro_batch_size(cfg.batch_size, cfg.grad_accum, env.world_size)
         # A private generator: creating the loader draws nothing from the global RNG.
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
@@ -573,14 +607,22 @@ def train(config, *, dataset=None, model=None, resume=True, max_steps=None, call
                 group["lr"] = lr
             if hasattr(objective, "begin_step"):
                 objective.begin_step(step)
-            loss = objective(network, x0, y, t, noise).mean()
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss is {loss.item()} at step {step + 1}: the run diverged and stops here, before the "
-                    f"weights are updated or saved (the checkpoint in {out_dir}, if any, is the last good one). "
-                    "Resume from it with a lower train.lr, a train.grad_clip or more train.warmup_steps")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss = torch.zeros((), device=device)
+            # Gradient accumulation: grad_accum micro-batches of this process's rows, each loss divided by
+            # grad_accum, so the summed gradient is the whole batch's mean; DDP all-reduces on the last one only.
+            for k in range(cfg.grad_accum):
+                rows = slice(k * micro, (k + 1) * micro)
+                last = k == cfg.grad_accum - 1
+                with contextlib.nullcontext() if last or env.world_size == 1 else ddp_model.no_sync():
+                    part = objective(network, x0[rows], None if y is None else y[rows], t[rows], noise[rows]).mean()
+                    if not torch.isfinite(part):
+                        raise TrainingDiverged(
+                            f"the loss is {part.item()} at step {step + 1}: the run diverged and stops here, before "
+                            f"the weights are updated or saved (the checkpoint in {out_dir}, if any, is the last good "
+                            "one). Resume from it with a lower train.lr, a train.grad_clip or more train.warmup_steps")
+                    scaler.scale(part / cfg.grad_accum).backward()
+                loss += part.detach() / cfg.grad_accum
             scaler.unscale_(optimizer)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
