@@ -4,6 +4,7 @@
     python -m minildm.benchmark --preset adm-imagenet64 --set unet.channels=64 --batch 4   # a reduced ADM
     python -m minildm.benchmark --preset ddpm-cifar10 --device cuda --dtype bf16 --batch 128
     python -m minildm.benchmark --preset ddpm-cifar10 --batch 2 --profile   # torch.profiler tables instead
+    python -m minildm.benchmark --mfu --batch 128 --dtype bf16     # img/s and MFU: ddpm-cifar10 and adm-imagenet64
 
 Both networks are built from the same `UNetConfig` (`diffusers_kwargs` translates it; DDPM presets
 into google/ddpm-cifar10-32's layout) and must have the same number of parameters (35,746,307 for
@@ -26,6 +27,13 @@ Two things this benchmark found, for the record:
   exactly-zero gradients and second moments for most weights, and CPU sqrt of exact zeros is ~20x
   slower than of other floats; hence the default of 3 untimed warmup rounds.
 
+Training throughput and MFU (`--mfu`): the train step of each preset in `--presets` (default ddpm-cifar10 and
+adm-imagenet64), both models interleaved as above, reported as images/s and model FLOPs utilisation
+    MFU = model FLOPs of one step / step time / peak FLOPS of the device
+with the model FLOPs of minildm's network (`memory.step_flops`: forward + backward, recomputation not counted,
+the same figure for diffusers' network of equal architecture) and the peak from `PEAK_TFLOPS` (dense bf16 tensor
+cores, NVIDIA's data sheets) or `--peak-tflops` (needed on a CPU or an unlisted GPU; without it MFU is "n/a").
+
 Needs diffusers: `pip install -e .[bench]`.
 """
 
@@ -43,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minildm import build_diffusion, build_model, presets, sampling, schedules
+from minildm import build_diffusion, build_model, memory, presets, sampling, schedules
 from minildm.config import Config, UNetConfig, override
 from minildm.layers import count_parameters
 
@@ -222,6 +230,61 @@ def time_interleaved(steps: dict[str, Callable], repeats: int, warmup: int = 1,
 
 
 # ---------------------------------------------------------------------------------------------
+# Training throughput and MFU
+
+# Peak dense (no sparsity) bf16 tensor-core TFLOPS, from NVIDIA's data sheets: A100 (SXM and PCIe) 312;
+# H100 SXM 989.4, H100 PCIe 756; H200 (SXM) 989.4. Matched against torch.cuda.get_device_name, first match wins.
+PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak (TFLOPS) of a known GPU named like torch.cuda.get_device_name, else None."""
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s of the model's own work over the device's peak (peak in TFLOPS)."""
+    return flops_per_step / step_seconds / (peak * 1e12)
+
+
+def throughput(config: Config, *, batch: int, repeats: int, warmup: int = 3, device="cpu", dtype: str = "fp32",
+               clock: str = "wall", peak: float | None = None, seed: int = 0) -> dict:
+    """Train steps of minildm and diffusers at equal architecture, interleaved: {model: dict(ms, images_per_s,
+    tflops, mfu)} from the median step time; mfu is None without a peak."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    models = {"minildm": build_model(config).to(device), "diffusers": DiffusersDenoiser(config.unet).to(device)}
+    counts = {name: count_parameters(model) for name, model in models.items()}
+    if counts["minildm"] - counts["diffusers"] != known_difference(config.unet):
+        raise AssertionError(f"parameter counts differ ({counts}): diffusers_kwargs mistranslates this config")
+    diffusion = build_diffusion(config)
+    inputs = make_inputs(config, batch, device, seed)
+    times = time_interleaved({name: train_step(model, diffusion, inputs, dtype) for name, model in models.items()},
+                             repeats, warmup, clock)
+    flops = memory.step_flops(config, batch, dtype)
+    rows = {}
+    for name, ms in times.items():
+        seconds = statistics.median(ms) / 1000
+        rows[name] = {"ms": 1000 * seconds, "images_per_s": batch / seconds, "tflops": flops / seconds / 1e12,
+                      "mfu": None if peak is None else mfu(flops, seconds, peak), "flops": flops}
+    return rows
+
+
+def format_throughput(results: dict[str, dict]) -> str:
+    """One row per (preset, model): ms per step, images/s, achieved model TFLOP/s, MFU."""
+    rows = [f"{'preset':<24} {'model':<10} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>9} {'MFU':>7}"]
+    for preset, models in results.items():
+        for name, r in models.items():
+            share = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            rows.append(f"{preset:<24} {name:<10} {r['ms']:>9.1f} {r['images_per_s']:>9.1f} {r['tflops']:>9.3f} "
+                        f"{share:>7}")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # The comparison
 
 
@@ -311,6 +374,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="process: CPU time of this process (steadier on a shared CPU with --threads 1)")
     parser.add_argument("--channels-last", action="store_true", help="both models in channels_last")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of both steps instead")
+    parser.add_argument("--mfu", action="store_true",
+                        help="training img/s and MFU of each of --presets, minildm and diffusers, instead")
+    parser.add_argument("--presets", nargs="+", default=["ddpm-cifar10", "adm-imagenet64"],
+                        help="the presets of --mfu (each with the --set overrides)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOPS for MFU (default: PEAK_TFLOPS by GPU name, dense bf16)")
     args = parser.parse_args(argv)
     try:
         import diffusers
@@ -319,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mfu:
+        return main_mfu(args, diffusers.__version__)
     config = override(presets.get(args.preset), args.set)
     device = torch.device(args.device)
     name = args.preset + (" " + " ".join(args.set) if args.set else "")
@@ -336,6 +407,25 @@ def main(argv: list[str] | None = None) -> None:
     results = compare(config, batch=args.batch, repeats=args.steps, warmup=args.warmup, device=device,
                       dtype=args.dtype, channels_last=args.channels_last, clock=args.clock)
     print(format_table(results["times"]))
+
+
+def main_mfu(args, diffusers_version: str) -> None:
+    """`--mfu`: the throughput table of every preset in args.presets, with its header line."""
+    device = torch.device(args.device)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = args.peak_tflops if args.peak_tflops is not None else peak_tflops(hardware) if device.type == "cuda" else None
+    source = "--peak-tflops" if args.peak_tflops is not None else "PEAK_TFLOPS (dense bf16)" if peak else "none"
+    print(f"training throughput: batch {args.batch}, {args.dtype}, {device.type} ({hardware}), "
+          f"{torch.get_num_threads()} threads, peak {peak or 'unknown'} TFLOPS ({source}), torch {torch.__version__}, "
+          f"diffusers {diffusers_version}" + (f"; overrides {' '.join(args.set)}" if args.set else ""))
+    results = {}
+    for name in args.presets:
+        config = override(presets.get(name), args.set)
+        results[name] = throughput(config, batch=args.batch, repeats=args.steps, warmup=args.warmup,
+                                         device=device, dtype=args.dtype, clock=args.clock, peak=peak)
+    print(format_throughput(results))
+    if peak is None:
+        print("MFU n/a: no known peak for this device; pass --peak-tflops")
 
 
 def _to(inputs: dict, device) -> dict:

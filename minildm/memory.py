@@ -127,6 +127,14 @@ def estimate(config, batch_size: int, precision: str = "fp32", *, ema: bool = Tr
                           flops=flops)
 
 
+def step_flops(config, batch_size: int, precision: str = "fp32") -> int:
+    """Model FLOPs of one training step (forward + backward, no recomputation) at `batch_size`; fake tensors."""
+    plain = copy.deepcopy(config)
+    if _checkpointed(plain):
+        getattr(plain, plain.model).use_checkpoint = False
+    return _step_flops(_example_step(plain, batch_size, PRECISIONS[precision], _fake())[1])
+
+
 def preset_columns(name: str, precision: str = "bf16", device_gib: float = 80.0) -> dict[str, str]:
     """The memory / compute columns of preset `name` for `python -m minildm presets`, as strings.
 

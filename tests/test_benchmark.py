@@ -122,3 +122,40 @@ def test_main_without_diffusers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
     with pytest.raises(SystemExit, match=r"pip install -e \.\[bench\]"):
         benchmark.main(["--preset", "toy-shapes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training throughput and MFU (--mfu)
+
+
+def test_mfu_arithmetic_and_known_peaks():
+    # 1 TFLOP of model work in 0.5 s is 2 TFLOP/s: a quarter of an 8 TFLOPS device
+    assert benchmark.mfu(1e12, 0.5, 8.0) == pytest.approx(0.25)
+    assert benchmark.peak_tflops("NVIDIA H200") == 989.4
+    assert benchmark.peak_tflops("NVIDIA H100 PCIe") == 756.0 and benchmark.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert benchmark.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert benchmark.peak_tflops("cpu") is None
+
+
+def test_throughput_rows_follow_from_the_step_time_and_flops():
+    config = _config(TINY_DDPM)
+    rows = benchmark.throughput(config, batch=2, repeats=1, warmup=0, peak=0.01)
+    flops = minildm.memory.step_flops(config, 2)
+    assert flops > 0
+    for row in rows.values():
+        assert row["flops"] == flops
+        assert row["images_per_s"] == pytest.approx(2 / (row["ms"] / 1000))
+        assert row["mfu"] == pytest.approx(flops / (row["ms"] / 1000) / 0.01e12)
+        assert row["tflops"] == pytest.approx(row["mfu"] * 0.01)
+
+
+def test_main_mfu_prints_both_presets_and_both_models(capsys):
+    benchmark.main(["--mfu", "--presets", "toy-shapes", "ddpm-shapes", "--batch", "1", "--steps", "1", "--warmup",
+                    "0", "--threads", "1", "--device", "cpu", "--set", "unet.image_size=8", "data.image_size=8",
+                    "unet.channel_mult=1,2", "unet.attention_resolutions=4"])
+    out = capsys.readouterr().out
+    assert "img/s" in out and "MFU" in out and "MFU n/a: no known peak for this device; pass --peak-tflops" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("toy-shapes", "ddpm-shapes"))]
+    assert [row[:2] for row in rows] == [["toy-shapes", "minildm"], ["toy-shapes", "diffusers"],
+                                         ["ddpm-shapes", "minildm"], ["ddpm-shapes", "diffusers"]]
+    assert all(row[-1] == "n/a" and float(row[3]) > 0 for row in rows)
