@@ -206,7 +206,8 @@ def plms_step(model: Callable, diffusion: GaussianDiffusion, x_t: torch.Tensor, 
 
 def ddpm_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, timesteps: Sequence[int] | None = None,
                 *, clip_denoised: bool = True, model_kwargs: dict | None = None,
-                generator: torch.Generator | PerSampleGenerator | None = None, noise: Sequence[torch.Tensor | None] | None = None,
+                generator: torch.Generator | PerSampleGenerator | None = None,
+                noise: Sequence[torch.Tensor | None] | None = None,
                 callback: Callback | None = None, progress: bool = True, device=None,
                 cond_fn: CondFn | None = None, x0: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,7 +237,8 @@ def ddpm_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, tim
 
 def ddim_sample(model: Callable, diffusion: GaussianDiffusion, shape_or_x_T, timesteps: Sequence[int] | None = None,
                 *, eta: float = 0.0, clip_denoised: bool = True, model_kwargs: dict | None = None,
-                generator: torch.Generator | PerSampleGenerator | None = None, noise: Sequence[torch.Tensor | None] | None = None,
+                generator: torch.Generator | PerSampleGenerator | None = None,
+                noise: Sequence[torch.Tensor | None] | None = None,
                 callback: Callback | None = None, progress: bool = True, device=None,
                 cond_fn: CondFn | None = None, x0: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, final_t_prev: int = -1) -> torch.Tensor:
