@@ -17,18 +17,20 @@ alone writes the file (a temporary file renamed into place).
 The `.npz` layout is the one ADM's `image_sample.py` writes and its `evaluations/evaluator.py` reads: `arr_0`
 uint8 [N, H, W, C] and, for a class-conditional model, `arr_1` int64 [N] labels.
 
-The FID protocol (Heusel et al. 2017; as ADM reports it, Dhariwal & Nichol 2021 Appendix): 50,000 samples against
-the statistics (mean mu and covariance sigma of the 2048-d pool_3 features of Inception v3) of the whole training
-set, or of ADM's reference batch for ImageNet / LSUN. Here the features come from torchmetrics' Inception
-(`metrics.load_inception`: torch-fidelity's port of the TF graph that TTUR, pytorch-fid and ADM's evaluator use).
-Numbers differ between implementations by more than rounding, so compare only FIDs computed the same way:
-- the network: the TF-Inception port vs torchvision's ImageNet Inception (different weights: FIDs differ by
-  several points); the port itself matches the TF graph up to float rounding;
-- resizing to 299 x 299: the TF graph's bilinear resize vs antialiased or PIL bicubic resizes, and JPEG/PNG
-  round trips of the samples (the `.npz` keeps the exact uint8 pixels);
-- N: FID is biased upwards at small N (~1/N); 10k-sample FIDs are several points above 50k ones;
-- the reference set: the training set vs the validation set vs ADM's reference batches, and its preprocessing
-  (centre crop, resize) all move the number.
+The FID protocol (Heusel et al. 2017; as ADM reports it, Dhariwal & Nichol 2021): 50,000 samples against the
+statistics (mean mu and covariance sigma of the 2048-d pool_3 features of Inception v3) of the whole training set.
+ADM's reference batches (evaluations/README.md of guided-diffusion) carry exactly that: mu and sigma over the whole
+dataset, and 10,000 of its images in arr_0 for precision and recall. Here the features come from torchmetrics'
+Inception (`metrics.load_inception`: torch-fidelity's port of the TF graph that TTUR, pytorch-fid and ADM's
+evaluator run), resized as that graph does (TF1 bilinear). Numbers differ between implementations by more than
+rounding, so compare only FIDs computed the same way:
+- the network: the TF-Inception port vs torchvision's ImageNet Inception v3 (other weights, other features);
+- resizing to 299 x 299: the TF graph's bilinear resize vs antialiased or bicubic resizes (clean-fid, Parmar et al.
+  2022, measured the effect), and JPEG / PNG round trips of the samples (the `.npz` keeps the exact uint8 pixels);
+- N: the estimate is biased upwards at small N (Chong & Forsyth 2020: the bias falls roughly as 1/N), so FIDs of
+  10,000 samples are not comparable with FIDs of 50,000;
+- the reference set: training vs validation images vs ADM's reference batches, and its preprocessing (centre
+  crop, resize) all move the number.
 """
 
 from __future__ import annotations

@@ -25,6 +25,24 @@ def test_frechet_distance_is_zero_for_identical_sets_and_symmetric():
     assert metrics.frechet_distance(a, b) > 1.0
 
 
+def test_frechet_distance_of_few_points_in_many_dimensions_equals_the_gaussian_formula():
+    # N_a N_b < D^2: the trace term comes from the singular values of the N_a x N_b cross product, not from a
+    # D x D eigendecomposition; both are exact, so they agree to float64 rounding of the near-zero eigenvalues.
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(12, 300, generator=g, dtype=torch.float64) @ torch.randn(300, 300, generator=g, dtype=torch.float64)
+    b = 0.5 * torch.randn(9, 300, generator=g, dtype=torch.float64) + 0.2
+    gaussian = metrics.gaussian_frechet_distance(*metrics._gaussian(a), *metrics._gaussian(b))
+    assert metrics.frechet_distance(a, b) == pytest.approx(gaussian, rel=1e-8)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9 * gaussian)
+
+
+def test_precision_recall_in_chunks_equals_the_whole_distance_matrix():
+    g = torch.Generator().manual_seed(5)
+    real, fake = torch.randn(60, 5, generator=g), torch.randn(50, 5, generator=g) + 0.7
+    whole = metrics.precision_recall(real, fake, chunk_size=1000)
+    assert metrics.precision_recall(real, fake, chunk_size=7) == whole and 0 < whole["precision"] < 1
+
+
 def test_frechet_distance_of_a_shifted_set_is_the_squared_shift():
     # Same covariance, means differ by c: the distance is |c|^2 exactly.
     a = torch.randn(500, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
