@@ -99,7 +99,7 @@ def test_accumulation_equals_one_big_batch():
     (big, big_losses), (accumulated, losses) = run(tiny()), run(tiny(**{"train.grad_accum": "4"}))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(big_losses), rtol=1e-5, atol=0)
     error = max_difference(big.model, accumulated.model)
-    assert error < 1e-5, error  # float rounding of the summed micro-batch gradients (~1e-7 measured)
+    assert error < 1e-5, error  # float rounding of the summed micro-batch gradients (1.4e-6 measured)
     assert max_difference(big.model, minildm.build_model(tiny())) > 1e-3  # it trained
 
 
