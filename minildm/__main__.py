@@ -1,6 +1,7 @@
 """Command line: `python -m minildm {presets,train,sample,fid,bpd,info} ...` (also installed as `minildm`).
 
     python -m minildm presets                                   # the preset table, with parameter counts
+    python -m minildm presets --memory adm-imagenet256          # + memory and GFLOPs per training step
     python -m minildm train toy-shapes train.max_steps=500      # train a preset, key=value overrides
     python -m minildm train ddpm-cifar10 --out runs/cifar       # the DDPM CIFAR10 GPU run
     torchrun --nproc_per_node 8 -m minildm train ddpm-cifar10   # the same on 8 GPUs (global batch 128)
@@ -98,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
                                         "network for paper presets) and summary.")
     p.add_argument("--verify", action="store_true",
                    help="also build every minildm model on the meta device and check its parameter count")
+    p.add_argument("--memory", action="store_true",
+                   help="add memory and compute per training step (bf16 autocast, estimated on fake tensors, about "
+                        "2 minutes for all): state GiB (weights, gradients, AdamW, EMA), activations MiB per image, "
+                        "the largest batch per 80 GiB GPU, GFLOPs per image (forward + backward)")
+    p.add_argument("names", nargs="*", metavar="PRESET", help="only these presets (default: all)")
     p.set_defaults(run=_presets)
 
     p = commands.add_parser("train", help="train a preset (key=value overrides; torchrun for several GPUs)",
@@ -197,8 +203,16 @@ def _presets(args) -> int:
     import minildm
     from minildm import presets
 
-    print(f"{'preset':<24} {'params':>13}  summary")
-    for name in presets.names():
+    names = args.names or presets.names()
+    for name in names:
+        presets.info(name)  # an unknown name: KeyError listing the presets, before any output
+    columns = ""
+    if args.memory:
+        from minildm import memory
+
+        columns = " " + " ".join(f"{c:>11}" for c in memory.COLUMNS)
+    print(f"{'preset':<24} {'params':>13}{columns}  summary")
+    for name in names:
         preset = presets.info(name)
         params, note = preset.params, ""
         if params is None or args.verify:
@@ -206,7 +220,9 @@ def _presets(args) -> int:
             if params is not None and built != params:
                 note = f" [minildm builds {built:,}]"
             params = built
-        print(f"{name:<24} {params:>13,}  {preset.summary}{note}")
+        if args.memory:
+            columns = " " + " ".join(f"{value:>11}" for value in memory.preset_columns(name).values())
+        print(f"{name:<24} {params:>13,}{columns}  {preset.summary}{note}")
     return 0
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from minildm import checkpoints, presets
+from minildm import checkpoints, memory, presets
 from minildm.__main__ import main
 
 
@@ -29,6 +29,18 @@ def test_presets_lists_every_preset_with_its_parameters(capsys):
     cifar = next(line for line in lines if line.startswith("ddpm-cifar10 "))
     assert "35,746,307" in cifar and "DDPM CIFAR10" in cifar
     assert "120,450" in next(line for line in lines if line.startswith("toy-2d "))  # toys: counted
+
+
+def test_presets_memory_columns_for_chosen_presets(capsys):
+    assert main(["presets", "--memory", "ddpm-cifar10", "ae-kl-f4-shapes"]) == 0
+    header, cifar, autoencoder = capsys.readouterr().out.splitlines()
+    assert all(column in header for column in memory.COLUMNS)
+    # ddpm-cifar10: 20 bytes x 35,746,307 parameters = 0.67 GiB of state; 36.3 GFLOPs per image per step
+    assert cifar.startswith("ddpm-cifar10 ") and " 0.67 " in cifar and " 36.3 " in cifar
+    assert cifar.split()[2:6] == list(memory.preset_columns("ddpm-cifar10").values())
+    assert autoencoder.split()[2:6] == ["-"] * 4  # the estimate does not cover the autoencoder's step
+    assert main(["presets", "ddpm-cifar100"]) == 2
+    assert "unknown preset 'ddpm-cifar100'" in capsys.readouterr().err
 
 
 def test_unknown_preset_and_key_say_what_exists(capsys, tmp_path):
