@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minildm import metrics, sampling
+from minildm import guidance, metrics, sampling
 
 STATS_FORMAT = "minildm.inception-stats/1"
 FEATURE_EXTRACTOR = "torchmetrics NoTrainInceptionV3 (inception-v3-compat, torch-fidelity's TF port), pool_3 [2048]"
@@ -54,7 +54,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-sample labels, the guided model, one batch of global indices
+# Per-sample labels, one batch of global indices
 
 
 def class_labels(seed: int, indices: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -63,32 +63,6 @@ def class_labels(seed: int, indices: Sequence[int], num_classes: int) -> torch.T
     draws = [torch.randint(num_classes, (), generator=torch.Generator().manual_seed(sampling.sample_seed(seed, i, 1)))
              for i in indices]
     return torch.stack(draws) if draws else torch.zeros(0, dtype=torch.long)
-
-
-def guided(model, config, *, guidance_scale: float = 1.0, classifier=None, classifier_scale: float = 0.0, device=None):
-    """(model to call, cond_fn or None, number of classes to draw labels from; 0 = unconditional).
-
-    As `train.generate`: classifier-free guidance wraps a class-conditional model trained with a null class
-    (w = guidance_scale, 1 = none); classifier guidance (scale s = classifier_scale, 0 = none) adds a cond_fn, and
-    an unconditional model then samples the classifier's classes.
-    """
-    from minildm import guidance, train
-
-    classes = config.unet.num_classes if config.model == "unet" else 0
-    if guidance_scale != 1:
-        if not (classes > 0 and config.unet.null_class):
-            raise ValueError(f"guidance_scale={guidance_scale}: classifier-free guidance needs a class-conditional "
-                             "model trained with a null class (unet.null_class=true, train.cond_dropout > 0); use "
-                             "guidance_scale=1, or a classifier with classifier_scale")
-        model = guidance.classifier_free(model, guidance_scale, {"y": guidance.null_labels(1, classes, device)})
-    cond_fn = None
-    if classifier is not None and classifier_scale != 0:
-        cond_fn = guidance.classifier_gradient(classifier, classifier_scale)
-        if classes == 0:  # an unconditional model ignores the labels meant for the classifier
-            model, classes = train._ignore_labels(model), classifier.config.out_channels
-    elif classifier_scale != 0:
-        raise ValueError(f"classifier_scale={classifier_scale} needs a classifier (classifier=...)")
-    return model, cond_fn, classes
 
 
 def sample_indices(model, diffusion, config, indices: Sequence[int], *, seed: int = 0, sampler: str = "ddim",
@@ -150,7 +124,7 @@ def sample_images(model, config, num: int, *, batch_size: int = 64, sampler: str
     in index order on rank 0, (None, None) on the others.
 
     batch_size is per process. label: every sample's class (else drawn per sample, `class_labels`); labels is None
-    for an unconditional, unguided model. Guidance as `train.generate` (`guided`). Progress bar on rank 0.
+    for an unconditional, unguided model. Guidance as `train.generate` (`guidance.guided_model`). Progress bar on rank 0.
     noise_device: see `sample_indices` ("cuda": this process's GPU).
     """
     import minildm
@@ -161,8 +135,9 @@ def sample_images(model, config, num: int, *, batch_size: int = 64, sampler: str
                          "train.generate and a .png plot)")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
-    model, cond_fn, classes = guided(model, config, guidance_scale=guidance_scale, classifier=classifier,
-                                     classifier_scale=classifier_scale, device=device)
+    model, cond_fn, classes = guidance.guided_model(model, config, guidance_scale=guidance_scale,
+                                                    classifier=classifier, classifier_scale=classifier_scale,
+                                                    device=device)
     if label is not None and not 0 <= label < max(classes, 1):
         raise ValueError(f"class (--class) {label}: this model has classes 0 .. {classes - 1}" if classes else
                          f"class (--class) {label}: this model is unconditional (unet.num_classes=0); leave the class "

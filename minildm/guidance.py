@@ -131,6 +131,39 @@ def null_labels(num: int, num_classes: int, device=None) -> torch.Tensor:
     return torch.full((num,), num_classes, dtype=torch.long, device=device)
 
 
+def guided_model(model: Callable, config, *, guidance_scale: float = 1.0, classifier=None,
+                 classifier_scale: float = 0.0, device=None) -> tuple[Callable, CondFn | None, int]:
+    """(model to call, cond_fn or None, number of classes to label the samples with; 0 = unconditional).
+
+    The one setup of guided sampling (`train.generate`, `evaluation.sample_images`): classifier-free guidance wraps
+    a class-conditional model trained with a null class (w = guidance_scale, 1 = none, `classifier_free`);
+    classifier guidance (s = classifier_scale, 0 = none) adds a `classifier_gradient` cond_fn, and an unconditional
+    model then samples the classifier's classes (its labels go to the classifier only, `ignore_labels`).
+    """
+    classes = config.unet.num_classes if config.model == "unet" else 0
+    if guidance_scale != 1:
+        if not (classes > 0 and config.unet.null_class):
+            raise ValueError(f"guidance_scale={guidance_scale}: classifier-free guidance needs a class-conditional "
+                             "model trained with a null class (unet.null_class=true, train.cond_dropout > 0); use "
+                             "guidance_scale=1, or a classifier with classifier_scale")
+        model = classifier_free(model, guidance_scale, {"y": null_labels(1, classes, device)})
+    cond_fn = None
+    if classifier is not None and classifier_scale != 0:
+        cond_fn = classifier_gradient(classifier, classifier_scale)
+        if classes == 0:
+            model, classes = ignore_labels(model), classifier.config.out_channels
+    elif classifier_scale != 0:
+        raise ValueError(f"classifier_scale={classifier_scale} needs a classifier (classifier=...)")
+    return model, cond_fn, classes
+
+
+def ignore_labels(model: Callable) -> Callable:
+    """guided-diffusion's model_fn for an unconditional model: the labels are the classifier's, not the model's."""
+    def unconditional(x_t, t, y=None, **kwargs):
+        return model(x_t, t, **kwargs)
+    return unconditional
+
+
 def _batched(value: torch.Tensor, n: int, key: str) -> torch.Tensor:
     """The unconditional input for a batch of n: one row is repeated, n rows are used as they are."""
     if value.shape[0] == 1:

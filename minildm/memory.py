@@ -48,7 +48,7 @@ import subprocess
 import sys
 import warnings
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -279,8 +279,6 @@ class _LiveBytes(TorchDispatchMode):
 def _simulated_peak(config, batch_size: int, autocast_dtype, ema: bool) -> int:
     """The highest bytes alive in two training steps (forward, backward, AdamW step, EMA update) on fake tensors:
     what the measured peak would be without allocator overheads. The model (and EMA copy) are alive throughout."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     fake = _fake()
     model, loss = _example_step(config, batch_size, autocast_dtype, fake)
     with fake, warnings.catch_warnings():

@@ -774,20 +774,8 @@ def generate(model, diffusion, config, num: int, *, sampler="ddim", steps=25, et
         shape = (num, config.mlp.data_dim)
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
-    classes = config.unet.num_classes if config.model == "unet" else 0
-    if guidance_scale != 1:
-        if not (classes > 0 and config.unet.null_class):
-            raise ValueError(f"guidance_scale={guidance_scale}: classifier-free guidance needs a class-conditional "
-                             "model trained with a null class (unet.null_class=true, train.cond_dropout > 0); use "
-                             "guidance_scale=1, or a classifier with classifier_scale")
-        model = guidance.classifier_free(model, guidance_scale, {"y": guidance.null_labels(1, classes, device)})
-    cond_fn = None
-    if classifier is not None and classifier_scale != 0:
-        cond_fn = guidance.classifier_gradient(classifier, classifier_scale)
-        if classes == 0:  # an unconditional model ignores the labels meant for the classifier
-            model, classes = _ignore_labels(model), classifier.config.out_channels
-    elif classifier_scale != 0:
-        raise ValueError(f"classifier_scale={classifier_scale} needs a classifier (classifier=...)")
+    model, cond_fn, classes = guidance.guided_model(model, config, guidance_scale=guidance_scale, classifier=classifier,
+                                                    classifier_scale=classifier_scale, device=device)
     labels = None
     if classes > 0:
         labels = torch.as_tensor(torch.arange(num) % classes if y is None else y, device=device)
@@ -807,13 +795,6 @@ def generate(model, diffusion, config, num: int, *, sampler="ddim", steps=25, et
         else:
             chunks.append(sampling.ddpm_sample(model, diffusion, x_T, timesteps, **kwargs))
     return torch.cat(chunks)
-
-
-def _ignore_labels(model):
-    """guided-diffusion's model_fn for an unconditional model: the labels are the classifier's, not the model's."""
-    def unconditional(x_t, t, y=None, **kwargs):
-        return model(x_t, t, **kwargs)
-    return unconditional
 
 
 def save_grid(samples: torch.Tensor, path) -> Path:
