@@ -17,7 +17,9 @@ parameters costs a second of CPU time. Per process, with P parameters (fp32 mast
                 out, sizes exact for the dtypes autocast picks (bf16 copies of weights and inputs included);
                 with gradient checkpointing (`unet.use_checkpoint`) the inputs each checkpointed block keeps
                 for its recomputation instead of the block's inside.
-    total       the sum: the memory held when backward starts
+    total       the sum: an upper bound of what is held when backward starts (all activations are alive then,
+                but `optimizer.zero_grad(set_to_none=True)` has freed the gradients: they grow as backward frees
+                the activations). Not a peak: temporaries are left out.
     peak        the most bytes alive at once during two steps (forward, backward, AdamW, EMA update), tensor by
                 tensor as each op creates and Python frees them: also the temporaries, the gradients growing
                 while activations are freed, AdamW's moments. This is the figure to compare with a device.
@@ -82,7 +84,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        """state + activations: the bytes held when backward starts."""
+        """state + activations: an upper bound of the bytes held when backward starts (no gradients exist yet
+        after zero_grad(set_to_none=True)); `peak` is the figure to compare with a device."""
         return self.state + self.activations
 
     @property
@@ -95,7 +98,8 @@ class MemoryEstimate:
         return (f"batch {self.batch_size} {self.precision}: {self.num_parameters:,} parameters; parameters "
                 f"{self.parameters / gib:.2f} + gradients {self.gradients / gib:.2f} + AdamW {self.optimizer / gib:.2f}"
                 f" + EMA {self.ema / gib:.2f} + activations {self.activations / gib:.2f} = {self.total / gib:.2f} "
-                f"GiB (simulated peak {self.peak / gib:.2f} GiB); {self.flops / 1e9:,.1f} GFLOPs per step ({self.flops_per_image / 1e9:,.2f} per image)")
+                f"GiB (simulated peak {self.peak / gib:.2f} GiB); {self.flops / 1e9:,.1f} GFLOPs per step "
+                f"({self.flops_per_image / 1e9:,.2f} per image)")
 
 
 def estimate(config, batch_size: int, precision: str = "fp32", *, ema: bool = True) -> MemoryEstimate:
@@ -115,12 +119,8 @@ def estimate(config, batch_size: int, precision: str = "fp32", *, ema: bool = Tr
     dtype = PRECISIONS[precision]
     model, loss = _example_step(config, batch_size, dtype, _fake())
     activations, num_parameters = _activation_bytes(model, loss), sum(p.numel() for p in model.parameters())
-    if _checkpointed(config):  # model FLOPs are those of the network without recomputation
-        plain = copy.deepcopy(config)
-        getattr(plain, config.model).use_checkpoint = False
-        model, loss = _example_step(plain, batch_size, dtype, _fake())
-    flops = _step_flops(loss)
-    peak = _simulated_peak(config, batch_size, PRECISIONS[precision], ema)
+    flops = _model_flops(model, loss)
+    peak = _simulated_peak(config, batch_size, dtype, ema)
     weights = 4 * num_parameters
     return MemoryEstimate(batch_size, precision, num_parameters, parameters=weights, gradients=weights,
                           optimizer=2 * weights, ema=weights if ema else 0, activations=activations, peak=peak,
@@ -129,40 +129,44 @@ def estimate(config, batch_size: int, precision: str = "fp32", *, ema: bool = Tr
 
 def step_flops(config, batch_size: int, precision: str = "fp32") -> int:
     """Model FLOPs of one training step (forward + backward, no recomputation) at `batch_size`; fake tensors."""
-    plain = copy.deepcopy(config)
-    if _checkpointed(plain):
-        getattr(plain, plain.model).use_checkpoint = False
-    return _step_flops(_example_step(plain, batch_size, PRECISIONS[precision], _fake())[1])
+    return _model_flops(*_example_step(config, batch_size, PRECISIONS[precision], _fake()))
+
+
+def columns(device_gib: float = 80.0) -> tuple[str, ...]:
+    """The keys of `preset_columns(name, device_gib=device_gib)`, in order: the batch column names the GiB."""
+    return ("state GiB", "act MiB/img", f"batch/{device_gib:g}GiB", "GFLOP/img")
+
+
+COLUMNS = columns()  # those of `python -m minildm presets --memory` (an 80 GiB A100 / H100)
 
 
 def preset_columns(name: str, precision: str = "bf16", device_gib: float = 80.0) -> dict[str, str]:
-    """The memory / compute columns of preset `name` for `python -m minildm presets`, as strings.
+    """The memory / compute columns of preset `name` for `python -m minildm presets`, as strings, keyed by
+    `columns(device_gib)`:
 
-    state GiB:    parameters + gradients + AdamW + EMA (20 bytes per parameter), per GPU
-    act MiB/img:  activations saved for backward per image at `precision` (bf16 autocast: the GPU setting)
-    batch/GPU:    the largest per-GPU batch whose estimate fits `device_gib` (80: an A100 / H100), before the
-                  allocator's and CUDA's own overheads (see the module docstring)
-    GFLOP/img:    model FLOPs of one training step (forward + backward) per image
+    state GiB:     parameters + gradients + AdamW + EMA (20 bytes per parameter), per GPU
+    act MiB/img:   activations saved for backward per image at `precision` (bf16 autocast: the GPU setting)
+    batch/<G>GiB:  the largest per-GPU batch whose state + activations fit `device_gib` (80: an A100 / H100),
+                   before the allocator's and CUDA's own overheads (see the module docstring)
+    GFLOP/img:     model FLOPs of one training step (forward + backward, no recomputation) per image
     Presets whose network `estimate` does not cover (the autoencoders) get "-" in every column.
     """
     from minildm import presets
 
     config = presets.get(name)
+    keys = columns(device_gib)
     if config.model not in MODELS:
-        return dict.fromkeys(COLUMNS, "-")
+        return dict.fromkeys(keys, "-")
     # One fake network (a second or so), two forward passes: activations grow linearly with the batch.
     dtype = PRECISIONS[precision]
     model, loss_one = _example_step(config, 1, dtype, _fake())
     one = _activation_bytes(model, loss_one)
     per_image = _activation_bytes(model, _example_step(config, 2, dtype, model=model)[1]) - one
-    flops = _step_flops(loss_one)
+    flops = _model_flops(model, loss_one)
     state = 20 * sum(p.numel() for p in model.parameters())
     fits = int((device_gib * 2**30 - state - (one - per_image)) // per_image) if per_image > 0 else 0
-    return {"state GiB": f"{state / 2**30:.2f}", "act MiB/img": f"{per_image / 2**20:,.1f}",
-            f"batch/{device_gib:g}GiB": f"{max(fits, 0):,}", "GFLOP/img": f"{flops / 1e9:,.1f}"}
-
-
-COLUMNS = ("state GiB", "act MiB/img", "batch/80GiB", "GFLOP/img")
+    values = (f"{state / 2**30:.2f}", f"{per_image / 2**20:,.1f}", f"{max(fits, 0):,}", f"{flops / 1e9:,.1f}")
+    return dict(zip(keys, values))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,10 +178,6 @@ def _fake():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-def _checkpointed(config) -> bool:
-    return bool(getattr(getattr(config, config.model), "use_checkpoint", False))
 
 
 def _example_step(config, batch_size: int, autocast_dtype, fake=None, model=None):
@@ -283,24 +283,40 @@ def _simulated_peak(config, batch_size: int, autocast_dtype, ema: bool) -> int:
     model, loss = _example_step(config, batch_size, autocast_dtype, fake)
     with fake, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deepcopy reads data pointers, which fake tensors warn about
-        copy_ = copy.deepcopy(model).requires_grad_(False) if ema else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ema_copy = copy.deepcopy(model).requires_grad_(False) if ema else None
     weights = 4 * sum(p.numel() for p in model.parameters())
     with _LiveBytes(start=weights * (2 if ema else 1)) as tracker:
-        for _ in range(2):  # the second step is the first with AdamW's moments alive
-            loss().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema:
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(copy_.parameters()), list(model.parameters()), 1e-3)
+        _steps(model, ema_copy, loss, 2)  # the second step is the first with AdamW's moments alive
     return tracker.peak
 
 
-def _step_flops(loss) -> int:
-    """FLOPs of forward + backward of one call of `loss`."""
-    with FlopCounterMode(display=False) as counter:
+def _steps(model, ema, loss, steps: int) -> None:
+    """`steps` training steps as `train.train` runs them: loss().backward(), AdamW step, zero_grad(set_to_none),
+    EMA update (ema None: none). The one loop of the estimate (fake tensors) and of `measure_peak` (real ones)."""
+    from minildm import train
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(steps):
         loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                train.update_ema(ema, model, 0.999)
+
+
+def _model_flops(model, loss) -> int:
+    """FLOPs of forward + backward of one call of `loss`, with the gradient checkpointing of `model`'s blocks
+    switched off for the count: the "model FLOPs" of MFU leave the recomputation out."""
+    blocks = [module for module in model.modules() if getattr(module, "use_checkpoint", False)]
+    for block in blocks:
+        block.use_checkpoint = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            loss().backward()
+    finally:
+        for block in blocks:
+            block.use_checkpoint = True
     return counter.get_total_flops()
 
 
@@ -358,14 +374,7 @@ def _measure(payload: dict) -> dict:
 def _train_steps(config, batch_size: int, autocast_dtype, steps: int) -> None:
     """Build the network, its EMA copy and AdamW, and run `steps` steps (forward, backward, AdamW, EMA update)."""
     model, loss = _example_step(config, batch_size, autocast_dtype)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for _ in range(steps):
-        loss().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1e-3)
+    _steps(model, copy.deepcopy(model).requires_grad_(False), loss, steps)
 
 
 if __name__ == "__main__":

@@ -72,14 +72,21 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_model_flops
     plain = memory.estimate(_shapes("ddpm-shapes"), 8)
     checkpointed = memory.estimate(_shapes("ddpm-shapes", "unet.use_checkpoint=true"), 8)
     assert checkpointed.activations < 0.5 * plain.activations
-    assert checkpointed.flops == plain.flops
+    assert checkpointed.flops == plain.flops  # model FLOPs: the recomputation is not counted
+    assert memory.step_flops(_shapes("ddpm-shapes", "unet.use_checkpoint=true"), 8) == plain.flops
 
 
 def test_preset_columns_cover_denoisers_and_classifiers_and_skip_autoencoders():
     columns = memory.preset_columns("shapes-classifier")
-    assert set(columns) == set(memory.COLUMNS)
+    assert tuple(columns) == memory.COLUMNS == ("state GiB", "act MiB/img", "batch/80GiB", "GFLOP/img")
     assert float(columns["act MiB/img"]) > 0 and int(columns["batch/80GiB"].replace(",", "")) > 1000
     assert memory.preset_columns("ae-kl-f4-shapes") == dict.fromkeys(memory.COLUMNS, "-")
+    # Another device: the batch column is named after its memory, and half the memory fits about half the batch.
+    half = memory.preset_columns("shapes-classifier", device_gib=40)
+    assert tuple(half) == memory.columns(40) == ("state GiB", "act MiB/img", "batch/40GiB", "GFLOP/img")
+    ratio = int(columns["batch/80GiB"].replace(",", "")) / int(half["batch/40GiB"].replace(",", ""))
+    assert 1.99 < ratio < 2.01 and half["GFLOP/img"] == columns["GFLOP/img"]
+    assert tuple(memory.preset_columns("ae-kl-f4-shapes", device_gib=40)) == memory.columns(40)
 
 
 def test_bad_arguments_say_what_to_use():
