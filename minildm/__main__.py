@@ -221,7 +221,8 @@ def _presets(args) -> int:
                 note = f" [minildm builds {built:,}]"
             params = built
         if args.memory:
-            columns = " " + " ".join(f"{value:>11}" for value in memory.preset_columns(name).values())
+            values = memory.preset_columns(name)  # keyed by memory.COLUMNS: the header's names
+            columns = " " + " ".join(f"{values[key]:>11}" for key in memory.COLUMNS)
         print(f"{name:<24} {params:>13,}{columns}  {preset.summary}{note}")
     return 0
 
