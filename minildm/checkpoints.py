@@ -35,15 +35,18 @@ and loads them strictly (`latent.load_official` for the latent diffusion presets
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import pickle
+import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -180,19 +183,38 @@ def save(path, model, config, *, ema=None, optimizer=None, scaler=None, step=0, 
     metadata["checksums"] = json.dumps({k: _crc32(v) for k, v in tensors.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path, *, sync_folder: bool = True) -> Iterator[Path]:
+    """A temporary file beside `path` for the block to write (by name); it becomes `path` when the block ends.
+
+    The temporary file, `.<name>.tmp<pid>-<random>` (no other process or host picks the same name), is created
+    empty with the permissions the umask gives any new file (0644 under umask 022). When the block ends without an
+    error it is fsynced, renamed to `path` with `os.replace` (atomic on POSIX: a reader sees the old file or the
+    new one, never half of one) and, with sync_folder, the folder is fsynced so the rename survives a power cut.
+    On an error it is removed and `path` is left as it was. Used by `save`, the `.sha256` records, downloads,
+    `evaluation.write_npz` and `prepare`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # a name nobody else holds
+    try:
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions of any other file the run writes
-        with open(tmp, "rb") as file:  # on disk before the rename makes it the checkpoint
+        os.chmod(tmp, 0o666 & ~umask)  # whatever the writer did (safetensors writes 0600): as any new file
+        with open(tmp, "rb") as file:  # on disk before the rename makes it the file
             os.fsync(file.fileno())
         os.replace(tmp, path)
-        _fsync_folder(path.parent)  # the rename itself survives a power cut
+        if sync_folder:
+            _fsync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def _nonfinite(tensors: dict) -> list[str]:
@@ -206,9 +228,9 @@ def _crc32(tensor) -> int:
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Delete `.<name>.tmp<pid>` files left by saves whose process was killed (pid no longer running)."""
+    """Delete `.<name>.tmp<pid>[-<random>]` files left by saves whose process was killed (pid no longer running)."""
     for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[1]
+        pid = tmp.name.rsplit(".tmp", 1)[1].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
             tmp.unlink(missing_ok=True)
 
@@ -376,8 +398,9 @@ def load_weights(model, state_dict, *, source="checkpoint") -> None:
         raise CheckpointError("\n".join(lines))
     broken = _nonfinite(state_dict)
     if broken:
-        raise NonFiniteWeightsError(f"the weights in {source} hold NaN or infinite values ({len(broken)} tensors, first: "
-                              f"{broken[0]}): they come from a run that diverged. Use an earlier checkpoint")
+        raise NonFiniteWeightsError(f"the weights in {source} hold NaN or infinite values ({len(broken)} tensors, "
+                                    f"first: {broken[0]}): they come from a run that diverged. Use an earlier "
+                                    "checkpoint")
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -440,26 +463,71 @@ def fetch_official(name: str, *, directory=None) -> Path:
     Offline, raises `ConnectionError` naming the URL and where to put the file by hand; a download that fails
     a check raises `CheckpointError`; neither leaves a file behind.
     """
+    return _fetch(name, directory)[0]
+
+
+def fetch_verified(name: str, *, directory=None) -> Path:
+    """`fetch_official` then `verify_official`: the path of a checked official file, ready to load.
+
+    A file downloaded now was hashed as it arrived, so it is not read a second time. Under torch.distributed
+    (torchrun), rank 0 alone downloads and checks while the others wait (one download, not one per process), and
+    they get its path, or its error; every process must call this. The file must then be visible to every
+    process: keep official checkpoints on a file system that all nodes share.
+    """
+    import torch.distributed as dist
+
+    filename = _official_filename(name)  # an unknown name fails on every rank, before any collective
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return _fetch_and_verify(name, directory)
+    outcome, error = [None], None
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = {"path": str(_fetch_and_verify(name, directory))}
+        except Exception as failure:  # the others wait for an answer: send them the error too
+            error, outcome[0] = failure, {"error": type(failure).__name__, "message": str(failure)}
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if "error" in outcome[0]:
+        kind = {"ConnectionError": ConnectionError, "CheckpointError": CheckpointError}.get(outcome[0]["error"],
+                                                                                         RuntimeError)
+        raise kind(f"rank 0 could not fetch {filename}: {outcome[0]['message']}")
+    path = Path(outcome[0]["path"])
+    if not path.is_file():
+        raise CheckpointError(f"rank {dist.get_rank()} cannot see {path}, which rank 0 downloaded and checked: keep "
+                              "official checkpoints on a file system that every node shares (set MINILDM_CHECKPOINTS "
+                              "to a folder on it), or copy the file to the same path on every node")
+    return path
+
+
+def _fetch_and_verify(name: str, directory) -> Path:
+    path, digest = _fetch(name, directory)
+    if digest is None:  # not downloaded now: check it against its record
+        verify_official(path, name)
+    return path
+
+
+def _fetch(name: str, directory) -> tuple[Path, str | None]:
+    """(path, SHA-256 hex if it was downloaded now, else None): see `fetch_official`."""
     filename = _official_filename(name)
     url = OFFICIAL_URLS[filename]
     directory = Path(directory) if directory is not None else official_dir()
     path = directory / filename
     if path.is_file():
-        return path
+        return path, None
     directory.mkdir(parents=True, exist_ok=True)
     ignore = directory / ".gitignore"  # downloaded weights (hundreds of MB) must never be committed
     if not ignore.exists():
         ignore.write_text("*\n")
-    tmp = path.with_name(f".{filename}.part{os.getpid()}")
     try:
-        digest, received, expected = _download(url, tmp, filename)
-        if expected is not None and received != expected:
-            raise CheckpointError(f"the download of {filename} from {url} stopped early: {received:,} of "
-                                  f"{expected:,} bytes (its Content-Length). Run the command again to download it")
-        where, advice = f"the file downloaded from {url}", "Nothing was kept: run the command again"
-        _check_size(filename, received, where=where, advice=advice)
-        _check_published_sha256(filename, digest, where=where, advice=advice)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            digest, received, expected = _download(url, tmp, filename)
+            if expected is not None and received != expected:
+                raise CheckpointError(f"the download of {filename} from {url} stopped early: {received:,} of "
+                                      f"{expected:,} bytes (its Content-Length). Run the command again to download it")
+            where, advice = f"the file downloaded from {url}", "Nothing was kept: run the command again"
+            _check_size(filename, received, where=where, advice=advice)
+            _check_published_sha256(filename, digest, where=where, advice=advice)
     except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as error:
         hint = ""
         if isinstance(error, urllib.error.HTTPError) and error.code in (401, 403) and "huggingface.co" in url:
@@ -469,10 +537,8 @@ def fetch_official(name: str, *, directory=None) -> Path:
             f"could not download the official checkpoint {filename} from {url} ({error}).{hint} "
             f"Download it by hand and put it at {path} (or set MINILDM_CHECKPOINTS to the folder that "
             "holds it)") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _sidecar(path).write_text(f"{digest}  {filename}\n")
-    return path
+    _record_sha256(path, digest)
+    return path, digest
 
 
 def _download(url: str, target: Path, filename: str) -> tuple[str, int, int | None]:
@@ -516,7 +582,7 @@ def verify_official(path, name: str | None = None) -> str:
     _check_published_sha256(filename, digest, where=str(path), advice=advice)
     sidecar = _sidecar(path)
     if not sidecar.is_file():
-        sidecar.write_text(f"{digest}  {path.name}\n")
+        _record_sha256(path, digest)
         return digest
     recorded = (sidecar.read_text().split() or [""])[0].lower()
     if recorded != digest:
@@ -570,11 +636,17 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _record_sha256(path: Path, digest: str) -> None:
+    """Write `<file>.sha256` (sha256sum's format) atomically: a record cut off halfway would reject a good file."""
+    with atomic_path(_sidecar(path)) as tmp:
+        tmp.write_text(f"{digest}  {path.name}\n")
+
+
 def load_official(name: str, *, path=None, device="cpu", directory=None):
     """Build preset `name` and load its official weights strictly; returns (model, config), eval mode.
 
-    The file is found or downloaded by `fetch_official` and checked by `verify_official` first. path: your own
-    copy of the released file (loaded as it is: strict loading still checks every key and shape). A latent
+    The file is found or downloaded and checked first (`fetch_verified`: under torchrun by rank 0 alone). path:
+    your own copy of the released file (loaded as it is: strict loading still checks every key and shape). A latent
     diffusion preset (ldm-cin256-v2, sd-v1) returns its whole `minildm.latent.LatentDiffusion`.
     """
     config = presets.get(name)
@@ -583,8 +655,7 @@ def load_official(name: str, *, path=None, device="cpu", directory=None):
 
         return latent.load_official(name, path=path, device=device, directory=directory), config
     if path is None:
-        path = fetch_official(name, directory=directory)
-        verify_official(path, name)
+        path = fetch_verified(name, directory=directory)
     try:
         return load_official_file(path, config, device=device), config
     except CheckpointError as error:
@@ -708,14 +779,9 @@ def _extract_ckpt(path: Path) -> Path:
         if not members:
             raise CheckpointError(f"{path} holds no .ckpt file (it has {archive.namelist()[:5]}); is it a "
                                   "latent-diffusion model-zoo archive?")
-        tmp = target.with_name(f".{target.name}.part{os.getpid()}")
-        try:
-            with archive.open(members[0]) as source, open(tmp, "wb") as out:
-                while chunk := source.read(1 << 20):
-                    out.write(chunk)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(target) as tmp, archive.open(members[0]) as source, open(tmp, "wb") as out:
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
     return target
 
 

@@ -167,7 +167,8 @@ def build_first_stage(config, *, device=None) -> tuple[autoencoder_lib.Autoencod
     return (loaded.ema or loaded.model), loaded.metadata.get("extra", {}).get("scale_factor")
 
 
-def build_conditioner(config, *, tokenizer=None, pretrained: bool = True) -> tuple[nn.Module | None, torch.Tensor | None]:
+def build_conditioner(config, *, tokenizer=None,
+                      pretrained: bool = True) -> tuple[nn.Module | None, torch.Tensor | None]:
     """(conditioner, null condition [1, ...]) of config.latent.conditioner; (None, None) for "none".
 
     class: `ClassEmbedder(cond_vocab, unet.context_dim)`, the last class the null class; text / layout:
@@ -374,8 +375,8 @@ def is_latent_preset(name: str) -> bool:
 def load_official(name: str, *, path=None, device="cpu", directory=None, use_ema: bool = True) -> LatentDiffusion:
     """The released model of latent preset `name` ("ldm-cin256-v2", "sd-v1"), in eval mode, ready for `sample`.
 
-    The Lightning .ckpt is found or downloaded and checked (`checkpoints.fetch_official`, `verify_official`;
-    path: your own copy, loaded as it is), every part is loaded strictly (`load_official_state_dict`: UNet, its
+    The Lightning .ckpt is found or downloaded and checked (`checkpoints.fetch_verified`, under torchrun by rank 0
+    alone; path: your own copy, loaded as it is), every part is loaded strictly (`load_official_state_dict`: UNet, its
     EMA copy when the file has one and use_ema, first stage, conditioner), and a CLIP conditioner fetches its
     tokenizer now, so that an offline machine fails here (`conditioning.PretrainedWeightsUnavailable`), not in
     the middle of sampling. Keys of the file that no part takes are named in a warning.
@@ -388,18 +389,17 @@ def load_official(name: str, *, path=None, device="cpu", directory=None, use_ema
         raise ValueError(f"{name!r} is not a latent diffusion preset; load it with checkpoints.load_official")
     config = presets.get(name)
     if path is None:
-        path = checkpoints.fetch_official(name, directory=directory)
-        checkpoints.verify_official(path, name)
+        path = checkpoints.fetch_verified(name, directory=directory)
     state_dict = checkpoints.read_official_state_dict(path, device=device)
     ldm = build(config, device=device, pretrained=False)
     if ldm.cond_stage_model is not None and not any(key.startswith("cond_stage_model.") for key in state_dict):
-        raise checkpoints.CheckpointError(f"{path} holds no conditioner weights (cond_stage_model.*), which the released "
-                                          f"file of {name} has: delete it and download it again")
+        raise checkpoints.CheckpointError(f"{path} holds no conditioner weights (cond_stage_model.*), which the "
+                                          f"released file of {name} has: delete it and download it again")
     try:
         report = load_official_state_dict(ldm, state_dict, use_ema=use_ema)
     except checkpoints.CheckpointError as error:
-        raise checkpoints.CheckpointError(f"{error}\n{path} does not hold the released weights of preset {name!r} (is it "
-                                          "another model's file?): delete it and download it again") from None
+        raise checkpoints.CheckpointError(f"{error}\n{path} does not hold the released weights of preset {name!r} "
+                                          "(is it another model's file?): delete it and download it again") from None
     if report["unused"]:
         warnings.warn(f"{path}: {len(report['unused'])} keys fit no part of {name} and were not loaded: "
                       + ", ".join(report["unused"]), stacklevel=2)

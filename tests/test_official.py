@@ -5,15 +5,19 @@ disk, checked (size, SHA-256), loaded strictly and sampled through the package's
 Offline, each step (diffusion checkpoint, classifier, tokenizer) fails with a message that says what to do."""
 
 import hashlib
+import os
+import stat
 import sys
 import types
 import urllib.error
 import urllib.request
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 import minildm
@@ -216,6 +220,90 @@ def test_a_download_is_checked_and_its_sha256_recorded_then_verified_on_load(adm
         checkpoints.load_official("test-adm64")
 
 
+def test_a_download_is_hashed_once_and_its_record_is_written_atomically_and_readable(adm, tmp_path, monkeypatch):
+    folder = tmp_path / "official"
+    released = (folder / "test-adm64.pt").read_bytes()
+    (folder / "test-adm64.pt").unlink()
+    serve(monkeypatch, {SERVER + "test-adm64.pt": released})
+    verify, verified = checkpoints.verify_official, []
+    monkeypatch.setattr(checkpoints, "verify_official", lambda *args: verified.append(args) or "")
+    umask = os.umask(0o022)
+    try:
+        checkpoints.load_official("test-adm64")
+    finally:
+        os.umask(umask)
+    assert verified == []  # hashed as it arrived: not read a second time before loading
+    for name in ("test-adm64.pt", "test-adm64.pt.sha256"):  # not mkstemp's 0600: colleagues can read them
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644, name
+    checkpoints.load_official("test-adm64")
+    assert len(verified) == 1  # a file that was already there is checked against its record
+    monkeypatch.setattr(checkpoints, "verify_official", verify)
+    # A record cut off halfway (the disk full, the process killed) is never left: a good file stays loadable.
+    adm_again = folder / "test-adm64.pt"
+    adm_again.unlink()
+    (folder / "test-adm64.pt.sha256").unlink()
+    write_text = Path.write_text
+
+    def cut_off(self, text, *args, **kwargs):
+        write_text(self, text[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_off)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoints.fetch_official("test-adm64")
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert not (folder / "test-adm64.pt.sha256").exists() and not list(folder.glob(".*.tmp*"))
+    assert checkpoints.verify_official(adm_again, "test-adm64") == hashlib.sha256(released).hexdigest()
+
+
+class FakeGroup:
+    """torch.distributed as two ranks see it, called one after the other in this process: rank 0's broadcast
+    leaves its object for rank 1's."""
+
+    def __init__(self, monkeypatch):
+        self.rank, self.sent = 0, None
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda: self.rank)
+        monkeypatch.setattr(dist, "broadcast_object_list", self.broadcast)
+
+    def broadcast(self, objects, src=0):
+        assert src == 0
+        if self.rank == 0:
+            self.sent = list(objects)
+        else:
+            objects[:] = self.sent
+
+
+def test_under_torchrun_rank_0_alone_downloads_and_the_others_load_its_file(adm, tmp_path, monkeypatch):
+    folder = tmp_path / "official"
+    released = (folder / "test-adm64.pt").read_bytes()
+    (folder / "test-adm64.pt").unlink()
+    requests = serve(monkeypatch, {SERVER + "test-adm64.pt": released})
+    group = FakeGroup(monkeypatch)
+    models = [checkpoints.load_official("test-adm64")[0]]
+    group.rank = 1
+    verified = []
+    monkeypatch.setattr(checkpoints, "verify_official", lambda *args: verified.append(args) or "")
+    models.append(checkpoints.load_official("test-adm64")[0])
+    assert len(requests) == 1 and verified == []  # one download; rank 1 neither downloads nor hashes
+    for key, value in models[0].state_dict().items():
+        assert torch.equal(models[1].state_dict()[key], value), key
+    # rank 0 offline: every rank raises, the others naming rank 0 (none waits forever for the file)
+    (folder / "test-adm64.pt").unlink()
+    offline(monkeypatch)
+    group.rank = 0
+    with pytest.raises(ConnectionError, match="could not download"):
+        checkpoints.fetch_verified("test-adm64")
+    group.rank = 1
+    with pytest.raises(ConnectionError, match="rank 0 could not fetch test-adm64.pt: could not download"):
+        checkpoints.fetch_verified("test-adm64")
+    # a node that does not see rank 0's folder: say to share it
+    group.sent = [{"path": str(tmp_path / "elsewhere" / "test-adm64.pt")}]
+    with pytest.raises(checkpoints.CheckpointError, match="rank 1 cannot see .*file system that every node shares"):
+        checkpoints.fetch_verified("test-adm64")
+
+
 def test_a_download_that_stops_early_or_is_too_small_leaves_no_file(adm, tmp_path, monkeypatch):
     folder = tmp_path / "official"
     released = (folder / "test-adm64.pt").read_bytes()
@@ -260,7 +348,8 @@ def test_the_released_figures_are_the_publishers():
     assert checkpoints.minimum_size("kl-f8.zip") is None  # compressed
     assert checkpoints.official_url("sd-v1") == ("https://huggingface.co/CompVis/stable-diffusion-v-1-4-original/"
                                                  "resolve/main/sd-v1-4.ckpt")
-    assert checkpoints.official_url("ldm-cin256-v2") == "https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt"
+    assert checkpoints.official_url("ldm-cin256-v2") == ("https://ommer-lab.com/files/latent-diffusion/nitro/cin/"
+                                                         "model.ckpt")
 
 
 def test_truncated_files_and_files_of_another_model_are_clear_errors(adm, tmp_path):
@@ -438,7 +527,8 @@ def test_a_clip_conditioned_ldm_samples_a_prompt_from_the_command_line(sd, tmp_p
 
     monkeypatch.setattr(conditioning.FrozenCLIPEmbedder, "_from_hub", from_hub)
     ldm = latent.load_official("test-sd")
-    assert fetched == [("openai/clip-vit-large-patch14", "CLIPTokenizer")]  # only the tokenizer: weights are in the file
+    # only the tokenizer: the weights are in the file
+    assert fetched == [("openai/clip-vit-large-patch14", "CLIPTokenizer")]
     for key, value in sd.state_dict().items():
         assert torch.equal(ldm.state_dict()[key], value), key
     assert ldm.scale_factor.item() == pytest.approx(0.18215)  # SD v1's, from the preset (the file stores none)
