@@ -32,7 +32,8 @@ adm-imagenet64), both models interleaved as above, reported as images/s and mode
     MFU = model FLOPs of one step / step time / peak FLOPS of the device
 with the model FLOPs of minildm's network (`memory.step_flops`: forward + backward, recomputation not counted,
 the same figure for diffusers' network of equal architecture) and the peak from `PEAK_TFLOPS` (dense bf16 tensor
-cores, NVIDIA's data sheets) or `--peak-tflops` (needed on a CPU or an unlisted GPU; without it MFU is "n/a").
+cores, NVIDIA's data sheets; used for `--dtype bf16` only) or `--peak-tflops` (needed on a CPU, an unlisted GPU
+or in fp32, whose peak is the device's fp32 / TF32 one; without it MFU is "n/a").
 
 Needs diffusers: `pip install -e .[bench]`.
 """
@@ -245,6 +246,22 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def choose_peak(device_type: str, device_name: str, dtype: str,
+                given: float | None = None) -> tuple[float | None, str]:
+    """(peak TFLOPS for MFU, where it comes from or why there is none). `given` (--peak-tflops) wins; else the
+    PEAK_TFLOPS figure of a known GPU, which is a dense bf16 peak and so only the peak of a bf16 run: an fp32 run
+    uses fp32 or TF32 units (an A100: 19.5 / 156 TFLOPS, not 312) and gets None."""
+    if given is not None:
+        return given, "--peak-tflops"
+    table = peak_tflops(device_name) if device_type == "cuda" else None
+    if table is None:
+        return None, "no known peak for this device; pass --peak-tflops"
+    if dtype != "bf16":
+        return None, (f"PEAK_TFLOPS holds the dense bf16 peak of {device_name} ({table:g}), not the {dtype} one; "
+                      f"run with --dtype bf16 or pass --peak-tflops (the device's {dtype} peak)")
+    return table, "PEAK_TFLOPS (dense bf16)"
+
+
 def mfu(flops_per_step: float, step_seconds: float, peak: float) -> float:
     """Model FLOPs utilisation: achieved FLOP/s of the model's own work over the device's peak (peak in TFLOPS)."""
     return flops_per_step / step_seconds / (peak * 1e12)
@@ -379,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presets", nargs="+", default=["ddpm-cifar10", "adm-imagenet64"],
                         help="the presets of --mfu (each with the --set overrides)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's peak TFLOPS for MFU (default: PEAK_TFLOPS by GPU name, dense bf16)")
+                        help="the device's peak TFLOPS for MFU at --dtype (default: PEAK_TFLOPS by GPU name, "
+                             "dense bf16, for --dtype bf16 only)")
     args = parser.parse_args(argv)
     try:
         import diffusers
@@ -413,19 +431,19 @@ def main_mfu(args, diffusers_version: str) -> None:
     """`--mfu`: the throughput table of every preset in args.presets, with its header line."""
     device = torch.device(args.device)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    peak = args.peak_tflops if args.peak_tflops is not None else peak_tflops(hardware) if device.type == "cuda" else None
-    source = "--peak-tflops" if args.peak_tflops is not None else "PEAK_TFLOPS (dense bf16)" if peak else "none"
+    peak, source = choose_peak(device.type, hardware, args.dtype, args.peak_tflops)
+    shown = "unknown" if peak is None else f"{peak:g} TFLOPS ({source})"
     print(f"training throughput: batch {args.batch}, {args.dtype}, {device.type} ({hardware}), "
-          f"{torch.get_num_threads()} threads, peak {peak or 'unknown'} TFLOPS ({source}), torch {torch.__version__}, "
-          f"diffusers {diffusers_version}" + (f"; overrides {' '.join(args.set)}" if args.set else ""))
+          f"{torch.get_num_threads()} threads, peak {shown}, torch {torch.__version__}, diffusers {diffusers_version}"
+          + (f"; overrides {' '.join(args.set)}" if args.set else ""))
     results = {}
     for name in args.presets:
         config = override(presets.get(name), args.set)
-        results[name] = throughput(config, batch=args.batch, repeats=args.steps, warmup=args.warmup,
-                                         device=device, dtype=args.dtype, clock=args.clock, peak=peak)
+        results[name] = throughput(config, batch=args.batch, repeats=args.steps, warmup=args.warmup, device=device,
+                                   dtype=args.dtype, clock=args.clock, peak=peak)
     print(format_throughput(results))
     if peak is None:
-        print("MFU n/a: no known peak for this device; pass --peak-tflops")
+        print(f"MFU n/a: {source}")
 
 
 def _to(inputs: dict, device) -> dict:

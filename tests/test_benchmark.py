@@ -132,21 +132,51 @@ def test_mfu_arithmetic_and_known_peaks():
     # 1 TFLOP of model work in 0.5 s is 2 TFLOP/s: a quarter of an 8 TFLOPS device
     assert benchmark.mfu(1e12, 0.5, 8.0) == pytest.approx(0.25)
     assert benchmark.peak_tflops("NVIDIA H200") == 989.4
-    assert benchmark.peak_tflops("NVIDIA H100 PCIe") == 756.0 and benchmark.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert benchmark.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert benchmark.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert benchmark.peak_tflops("cpu") is None
 
 
-def test_throughput_rows_follow_from_the_step_time_and_flops():
-    config = _config(TINY_DDPM)
-    rows = benchmark.throughput(config, batch=2, repeats=1, warmup=0, peak=0.01)
-    flops = minildm.memory.step_flops(config, 2)
-    assert flops > 0
-    for row in rows.values():
-        assert row["flops"] == flops
-        assert row["images_per_s"] == pytest.approx(2 / (row["ms"] / 1000))
-        assert row["mfu"] == pytest.approx(flops / (row["ms"] / 1000) / 0.01e12)
-        assert row["tflops"] == pytest.approx(row["mfu"] * 0.01)
+def test_the_bf16_table_peak_is_only_used_for_bf16_runs():
+    assert benchmark.choose_peak("cuda", "NVIDIA A100-SXM4-80GB", "bf16") == (312.0, "PEAK_TFLOPS (dense bf16)")
+    # fp32 runs on fp32 / TF32 units (A100: 19.5 / 156 TFLOPS): the 312 of bf16 would understate MFU up to 16x
+    peak, why = benchmark.choose_peak("cuda", "NVIDIA A100-SXM4-80GB", "fp32")
+    assert peak is None and "dense bf16 peak of NVIDIA A100-SXM4-80GB (312)" in why
+    assert "run with --dtype bf16 or pass --peak-tflops (the device's fp32 peak)" in why
+    assert benchmark.choose_peak("cuda", "NVIDIA A100-SXM4-80GB", "fp32", 156.0) == (156.0, "--peak-tflops")
+    assert benchmark.choose_peak("cpu", "x86_64", "bf16") == (None, "no known peak for this device; pass --peak-tflops")
+    assert benchmark.choose_peak("cuda", "Tesla T4", "bf16")[0] is None
+
+
+def test_throughput_rows_against_hand_computed_figures(monkeypatch):
+    # Step times fixed to minildm 40, 90, 50 ms (median 50) and diffusers 100, 120, 80 ms (median 100), and
+    # 3 GFLOPs per step at batch 4. By hand: minildm 4 / 0.05 s = 80 img/s, 3e9 / 0.05 s = 0.06 TFLOP/s, a quarter
+    # of a 0.24 TFLOPS peak; diffusers 40 img/s, 0.03 TFLOP/s, 12.5%.
+    timed = {}
+
+    def fixed_times(steps, repeats, warmup, clock):
+        timed.update(steps=sorted(steps), repeats=repeats, warmup=warmup)
+        return {"minildm": [40.0, 90.0, 50.0], "diffusers": [100.0, 120.0, 80.0]}
+
+    counted = []
+
+    def fixed_flops(config, batch, dtype):
+        counted.append((batch, dtype))
+        return 3e9
+
+    monkeypatch.setattr(benchmark, "time_interleaved", fixed_times)
+    monkeypatch.setattr(benchmark.memory, "step_flops", fixed_flops)
+    rows = benchmark.throughput(_config(TINY_DDPM), batch=4, repeats=3, warmup=0, peak=0.24, dtype="bf16")
+    assert timed == {"steps": ["diffusers", "minildm"], "repeats": 3, "warmup": 0} and counted == [(4, "bf16")]
+    assert rows["minildm"] == pytest.approx({"ms": 50.0, "images_per_s": 80.0, "tflops": 0.06, "mfu": 0.25,
+                                             "flops": 3e9})
+    assert rows["diffusers"] == pytest.approx({"ms": 100.0, "images_per_s": 40.0, "tflops": 0.03, "mfu": 0.125,
+                                               "flops": 3e9})
+    table = benchmark.format_throughput({"tiny": rows}).splitlines()
+    assert table[1].split() == ["tiny", "minildm", "50.0", "80.0", "0.060", "25.0%"]
+    assert table[2].split() == ["tiny", "diffusers", "100.0", "40.0", "0.030", "12.5%"]
+    assert benchmark.throughput(_config(TINY_DDPM), batch=4, repeats=3, warmup=0)["minildm"]["mfu"] is None
 
 
 def test_main_mfu_prints_both_presets_and_both_models(capsys):
