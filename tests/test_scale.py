@@ -1,12 +1,18 @@
 """Scale features of the training loop on the CPU: bf16 autocast, fp16's fallback, gradient checkpointing,
 gradient accumulation (one process and two gloo processes), torch.compile."""
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 import minildm
 from minildm import checkpoints, presets, train
@@ -115,6 +121,7 @@ def test_batch_that_does_not_divide_is_a_clear_error():
 
 def test_two_gloo_processes_with_accumulation_match_one_process(tmp_path):
     # DDP with no_sync on all but the last micro-batch: 2 processes x 2 micro-batches of 8 = one batch of 32.
+    # (Equal weights would also come from an all-reduce per micro-batch: the next test counts the all-reduces.)
     overrides = ["mlp.hidden=64", "data.num_samples=256", "train.batch_size=32", "train.warmup_steps=2",
                  "train.lr=1e-3", "train.ema_decay=0.5", "train.save_every=100", "train.log_every=0"]
     env = {**os.environ, "MINILDM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -129,6 +136,58 @@ def test_two_gloo_processes_with_accumulation_match_one_process(tmp_path):
     assert two.metadata["extra"]["world_size"] == 2
     for name, value in one.model.state_dict().items():
         torch.testing.assert_close(two.model.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+ACCUMULATING = ["mlp.hidden=64", "data.num_samples=128", "train.batch_size=32", "train.grad_accum=2",
+                "train.warmup_steps=1", "train.log_every=0", "train.save_every=0", "train.sample_every=0"]
+
+
+def _all_reduces_per_step(rank, folder):
+    """One of 2 gloo processes (torch.multiprocessing.spawn): train.train with grad_accum=2 through a DDP whose
+    comm hook records the gradient bucket of every all-reduce; rank 0 writes the indices, step by step, to
+    folder/all_reduces.json: once as trained, once with no_sync made a no-op (the control: a missing no_sync)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MINILDM_PROGRESS="0")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(folder, "store"), 2), rank=rank, world_size=2)
+    buckets, results = [], {}
+
+    def counting_hook(state, bucket):
+        buckets.append(bucket.index())
+        return default_hooks.allreduce_hook(state, bucket)
+
+    class CountingDDP(DistributedDataParallel):
+        def __init__(self, module, **kwargs):
+            super().__init__(module, **kwargs)
+            self.register_comm_hook(None, counting_hook)
+
+    class SyncingDDP(CountingDDP):  # all-reduces on every micro-batch
+        def no_sync(self):
+            return contextlib.nullcontext()
+
+    def after_step(step, loss):  # train.train calls it on rank 0 after each optimizer step
+        results[name].append(buckets[:])
+        buckets.clear()
+
+    config = override(presets.get("toy-2d"), ACCUMULATING)
+    try:
+        for name, ddp in (("no_sync", CountingDDP), ("without no_sync", SyncingDDP)):
+            train.DistributedDataParallel, results[name] = ddp, []  # the spawned process's own train module
+            train.train(config, max_steps=3, device="cpu", verbose=False, resume=False, out_dir=folder,
+                        callback=after_step)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(os.path.join(folder, "all_reduces.json"), "w") as file:
+            json.dump(results, file)
+
+
+def test_accumulation_under_ddp_all_reduces_once_per_optimizer_step(tmp_path):
+    # 2 processes x 2 micro-batches: DDP's no_sync on the first micro-batch leaves one all-reduce of each gradient
+    # bucket per optimizer step (the MLP's 32k parameters fill one bucket, index 0), not one per micro-batch.
+    mp.spawn(_all_reduces_per_step, args=(str(tmp_path),), nprocs=2)
+    counts = json.loads((tmp_path / "all_reduces.json").read_text())
+    assert counts["no_sync"] == [[0], [0], [0]]
+    assert counts["without no_sync"] == [[0, 0], [0, 0], [0, 0]]  # the control: the hook sees a missing no_sync
 
 
 # ---------------------------------------------------------------------------------------------
