@@ -71,8 +71,10 @@ def _device(name: str):
     """The torch device `name` (default: cuda if available), or a ValueError that says what exists."""
     import torch
 
+    from minildm import metrics
+
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return metrics.default_device()
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -124,8 +126,9 @@ def _parser() -> argparse.ArgumentParser:
                             description="Sample from CHECKPOINT (a .safetensors file written by training, or the "
                                         "name of a preset with an official checkpoint, downloaded on first use). "
                                         "Sample i draws its noise and class from its own stream seeded from "
-                                        "(--seed, i): the same samples for any --batch-size and any number of "
-                                        "processes (torchrun shards the indices; rank 0 writes --out).")
+                                        "(--seed, i): the same noise and classes for any --batch-size and any "
+                                        "number of processes, so the same samples up to float rounding (torchrun "
+                                        "shards the indices; rank 0 writes --out).")
     p.add_argument("checkpoint", help="checkpoint file, or a preset name such as adm-imagenet64")
     p.add_argument("--num", "--num-samples", dest="num", type=_positive, default=16,
                    help="number of samples (default 16; FID: 50000). Under torchrun write --num-samples: torchrun's "
@@ -307,33 +310,28 @@ def _sample(args) -> int:
             if classifier_config.model != "classifier":
                 raise ValueError(f"--classifier {args.classifier} holds a {classifier_config.model!r} model, not a "
                                  "noise-aware classifier (train one with `python -m minildm train shapes-classifier`)")
-        if args.label is not None:
-            classes = config.unet.num_classes if config.model == "unet" else 0
-            if classifier is not None and classes == 0:
-                classes = classifier_config.classifier.out_channels
-            if classes == 0:
-                raise ValueError(f"--class {args.label}: this model is unconditional (unet.num_classes=0); "
-                                 "leave --class out, or guide it with --classifier")
-            if not 0 <= args.label < classes:
-                raise ValueError(f"--class {args.label}: this model has classes 0 .. {classes - 1}")
         if config.model != "unet":  # the 2-D toy: a scatter plot of points, one process
             if out.suffix.lower() == ".npz":
                 raise ValueError("--out .npz holds images; this checkpoint is the 2-D toy: give --out points.png")
+            if args.label is not None:
+                raise ValueError(f"--class {args.label}: this model is unconditional (unet.num_classes=0); leave "
+                                 "--class out (this checkpoint is the 2-D toy)")
             samples = train.generate(model, minildm.build_diffusion(config), config, args.num, sampler=args.sampler,
                                      steps=args.steps, eta=args.eta, seed=args.seed)
-        else:
+        else:  # sample_images checks --class against the model's (or the classifier's) classes
             images, labels = evaluation.sample_images(
                 model, config, args.num, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
                 eta=args.eta, seed=args.seed, label=args.label, guidance_scale=args.guidance_scale,
                 classifier=classifier, classifier_scale=args.classifier_scale if classifier is not None else 0.0,
                 progress=progress.enabled())
-            samples = None if images is None else torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         if env.main:
             if out.suffix.lower() == ".npz":
-                path = evaluation.write_npz(out, images, labels)
-            else:
-                path = train.save_grid(samples, out)
-            print(f"wrote {len(samples)} samples to {path}")
+                path, count = evaluation.write_npz(out, images, labels), len(images)
+            else:  # a grid: [-1, 1] floats, made here only (a float copy of 50,000 images would not fit in memory)
+                if config.model == "unet":
+                    samples = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+                path, count = train.save_grid(samples, out), len(samples)
+            print(f"wrote {count} samples to {path}")
     finally:
         if env.started_here:
             dist.destroy_process_group()

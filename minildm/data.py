@@ -314,13 +314,19 @@ def mnist(root: str | Path = "data", train: bool = True, image_size: int = 32):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
+def image_files(path: str | Path) -> list[Path]:
+    """Every image file under `path` (recursively, by `IMAGE_EXTENSIONS`), in sorted order: the one listing that
+    training (`ImageFiles`), preparation and the FID's folders of images share."""
+    return sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 class ImageFiles(Dataset):
     """Every image under `path` (recursively), label 0; for flat folders such as CelebA-HQ or LSUN exports."""
 
     num_classes = 0
 
     def __init__(self, path: str | Path, transform):
-        self.files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.files = image_files(path)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -7,8 +7,10 @@
     python -m minildm fid samples.npz cifar10_train_stats.npz
 
 Sample i (a global index 0 .. N-1) draws x_T, every step's noise and its class label from its own streams seeded
-from (seed, i) (`sampling.PerSampleGenerator`, `class_labels`), so the `.npz` is the same for any batch size and
-any number of processes. The indices are dealt in rounds of world_size x batch_size: in round k process r samples
+from (seed, i) (`sampling.PerSampleGenerator`, `class_labels`), so its noise and label are the same for any batch
+size and any number of processes; its pixels are the same up to float rounding (the network's kernels block the
+arithmetic differently for other batch sizes: tests/test_evaluation.py measures at most one uint8 level on fewer
+than 1% of the pixels). The indices are dealt in rounds of world_size x batch_size: in round k process r samples
 [k W B + r B, k W B + (r + 1) B), and one all_gather per round puts the batches in index order on rank 0, which
 alone writes the file (a temporary file renamed into place).
 
@@ -36,7 +38,6 @@ rounding, so compare only FIDs computed the same way:
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -46,11 +47,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minildm import guidance, metrics, sampling
+from minildm import checkpoints, data, guidance, metrics, sampling
 
 STATS_FORMAT = "minildm.inception-stats/1"
 FEATURE_EXTRACTOR = "torchmetrics NoTrainInceptionV3 (inception-v3-compat, torch-fidelity's TF port), pool_3 [2048]"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ADM_EXTRACTOR = "TF Inception pool_3 (ADM's evaluator)"  # ADM's reference batches: the graph torch-fidelity ports
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +125,9 @@ def sample_images(model, config, num: int, *, batch_size: int = 64, sampler: str
     in index order on rank 0, (None, None) on the others.
 
     batch_size is per process. label: every sample's class (else drawn per sample, `class_labels`); labels is None
-    for an unconditional, unguided model. Guidance as `train.generate` (`guidance.guided_model`). Progress bar on rank 0.
-    noise_device: see `sample_indices` ("cuda": this process's GPU).
+    for an unconditional, unguided model. Guidance as `train.generate` (`guidance.guided_model`). Progress bar on
+    rank 0. noise_device: see `sample_indices` ("cuda": this process's GPU). A label the model (or its classifier)
+    has no class for is a ValueError that names --class, the command line's option for it.
     """
     import minildm
     from minildm.progress import progress as progress_bar
@@ -139,9 +141,9 @@ def sample_images(model, config, num: int, *, batch_size: int = 64, sampler: str
                                                     classifier=classifier, classifier_scale=classifier_scale,
                                                     device=device)
     if label is not None and not 0 <= label < max(classes, 1):
-        raise ValueError(f"class (--class) {label}: this model has classes 0 .. {classes - 1}" if classes else
-                         f"class (--class) {label}: this model is unconditional (unet.num_classes=0); leave the class "
-                         "out, or guide it with a classifier (--classifier)")
+        raise ValueError(f"--class {label}: this model has classes 0 .. {classes - 1}" if classes else
+                         f"--class {label}: this model is unconditional (unet.num_classes=0); leave --class out, or "
+                         "guide it with a classifier (--classifier, with a --classifier-scale other than 0)")
     diffusion = minildm.build_diffusion(config)
     side, channels = config.unet.image_size, config.unet.in_channels
     images = np.empty((num, side, side, channels), np.uint8) if rank == 0 else None
@@ -187,24 +189,30 @@ def _gather(rows: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([g[:int(c)] for g, c in zip(gathered, counts)])
 
 
-def check_output(path, suffixes=(".npz",)) -> Path:
-    """`path` as a Path once it is known to be writable (its folder created); raises ValueError saying what to change.
+SUFFIX_USES = {".png": "a grid to look at", ".npz": "the batch that ADM's evaluator and `python -m minildm fid` read"}
+
+
+def check_output(path, suffixes=(".npz",), option: str = "--out") -> Path:
+    """`path` as a Path once it is known to be writable (its folder created); raises ValueError saying what to change
+    and naming `option`, the command-line option that gave the path.
 
     Checked before sampling, so a long run does not fail at its end: the suffix, and a temporary file created and
     removed in the folder (which also catches read-only file systems, whatever the permission bits say).
     """
     path = Path(path)
     if path.suffix.lower() not in suffixes:
-        raise ValueError(f"--out {path}: give a file ending in {' or '.join(suffixes)} (.png: a grid to look at; "
-                         ".npz: the batch that ADM's evaluator and `python -m minildm fid` read)")
+        uses = "; ".join(f"{suffix}: {SUFFIX_USES[suffix]}" for suffix in suffixes if suffix in SUFFIX_USES)
+        raise ValueError(f"{option} {path}: give a file ending in {' or '.join(suffixes)}"
+                         + (f" ({uses})" if len(suffixes) > 1 else ""))
     if path.is_dir():
-        raise ValueError(f"--out {path} is a folder; give a file name such as {path / ('samples' + suffixes[0])}")
+        raise ValueError(f"{option} {path} is a folder; give a file name such as "
+                         f"{path / ('samples' + suffixes[0])}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):
             pass
     except OSError as error:
-        raise ValueError(f"--out {path}: cannot write in {path.parent} ({error.strerror or error}); choose a "
+        raise ValueError(f"{option} {path}: cannot write in {path.parent} ({error.strerror or error}); choose a "
                          "writable folder") from None
     return path
 
@@ -212,8 +220,9 @@ def check_output(path, suffixes=(".npz",)) -> Path:
 def write_npz(path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
     """Write ADM's sample batch atomically: arr_0 uint8 [N, H, W, C] (and arr_1 int64 [N] labels) in `path`.
 
-    The file is written under a temporary name in the same folder and renamed into place, so a reader never sees
-    half a file and an interrupted run leaves the previous file intact.
+    The file is written under a temporary name in the same folder and renamed into place (`checkpoints.atomic_path`,
+    with the umask's permissions), so a reader never sees half a file and an interrupted run leaves the previous
+    file intact.
     """
     path = Path(path)
     images = np.asarray(images)
@@ -229,15 +238,9 @@ def write_npz(path, images: np.ndarray, labels: np.ndarray | None = None) -> Pat
 
 
 def _savez_atomically(path: Path, arrays: dict) -> Path:
-    """np.savez into a temporary file of path's folder, then rename it to path (atomic on POSIX)."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            np.savez(file, **arrays)  # a file object: numpy adds no second ".npz"
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """np.savez into a temporary file of path's folder, then rename it to path (`checkpoints.atomic_path`)."""
+    with checkpoints.atomic_path(path) as temporary, open(temporary, "wb") as file:
+        np.savez(file, **arrays)  # a file object: numpy adds no second ".npz"
     return path
 
 
@@ -254,8 +257,12 @@ def read_batches(path, batch_size: int = 500) -> Iterator[np.ndarray]:
         return
     with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as member:
         version = np.lib.format.read_magic(member)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"{path}: arr_0 is in .npy format version {version[0]}.{version[1]}; this reader streams "
+                             "versions 1.0 and 2.0 (what np.savez writes): save it again with np.savez or "
+                             "evaluation.write_npz")
         shape, fortran_order, dtype = read_header(member)
         if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran_order:
             raise ValueError(f"{path}: arr_0 must be uint8 images [N, H, W, C] (ADM's layout, C = 1 or 3); got "
@@ -270,10 +277,10 @@ def read_batches(path, batch_size: int = 500) -> Iterator[np.ndarray]:
 def _folder_batches(folder: Path, batch_size: int) -> Iterator[np.ndarray]:
     from PIL import Image
 
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = data.image_files(folder)
     if not files:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of the reference "
-                         "images, an .npz with arr_0, or a statistics .npz")
+        raise ValueError(f"{folder} holds no images ({', '.join(data.IMAGE_EXTENSIONS)}); give a folder of the "
+                         "reference images, an .npz with arr_0, or a statistics .npz")
     size = None
     for start in range(0, len(files), batch_size):
         batch = [np.asarray(Image.open(f).convert("RGB")) for f in files[start:start + batch_size]]
@@ -311,7 +318,7 @@ def read_source(path) -> dict:
     if (mu is None) != (sigma is None) or (mu is not None and (mu.shape != (2048,) or sigma.shape != (2048, 2048))):
         raise ValueError(f"{path}: mu and sigma must be [2048] and [2048, 2048] (Inception pool_3 statistics)")
     if extractor is None and mu is not None:  # ADM's reference batches: the TF graph, which torch-fidelity ports
-        extractor = "TF Inception pool_3 (ADM's evaluator)"
+        extractor = ADM_EXTRACTOR
     return {"path": path, "images": "arr_0" in keys, "mu": mu, "sigma": sigma, "extractor": extractor}
 
 
@@ -333,7 +340,7 @@ def statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def save_statistics(path, mu: np.ndarray, sigma: np.ndarray, num: int) -> Path:
     """Write reference statistics (mu, sigma, the image count and the feature extractor) as an .npz, atomically."""
-    return _savez_atomically(check_output(path), {"mu": mu, "sigma": sigma, "num": np.int64(num),
+    return _savez_atomically(check_output(path, option="--save-stats"), {"mu": mu, "sigma": sigma, "num": np.int64(num),
                                                   "extractor": np.str_(FEATURE_EXTRACTOR),
                                                   "format": np.str_(STATS_FORMAT)})
 
@@ -351,16 +358,13 @@ def fid_report(samples, reference, *, save_stats=None, fid_only: bool = False, b
     (computed on `device`). fid_only skips all but FID (and the reference's images when it has statistics).
     inception: an Inception already loaded with `metrics.load_inception(..., antialias=False)` (loading takes
     seconds: pass one to score many batches); default: loaded from `weights_path` or torch hub's cache.
+    A statistics file made with another feature extractor than ours or ADM's gets a note: its FID is not comparable.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or metrics.default_device()
     sample_source, reference_source = read_source(samples), read_source(reference)
     if save_stats is not None:
-        check_output(save_stats)
-        if not reference_source["images"]:
-            raise ValueError(f"--save-stats: {reference} holds statistics, not images; give the reference images "
-                             "(an .npz with arr_0 or a folder) to compute statistics from")
-    if inception is None:
-        inception = metrics.load_inception(weights_path, device, antialias=False)
+        _check_save_stats(save_stats, reference_source)
+    inception = _inception(inception, weights_path, device)
     report = {"num_samples": None, "num_reference": None}
     fake = real = None
     if sample_source["images"]:
@@ -386,10 +390,35 @@ def fid_report(samples, reference, *, save_stats=None, fid_only: bool = False, b
         report["fid"] = metrics.gaussian_frechet_distance(mu_fake, sigma_fake, mu_real, sigma_real)
     if not fid_only and fake is not None:
         report.update(_other_metrics(fake, fake_logits, real, device, splits, kid_subsets, kid_subset_size, k, seed))
+    notes = [note for note in map(_extractor_note, (sample_source, reference_source)) if note]
     if report["num_samples"] is not None and report["num_samples"] < 50_000:
-        report["note"] = (f"FID of {report['num_samples']} samples: biased upwards against the 50,000-sample "
-                          "protocol; compare only at equal N and reference")
+        notes.append(f"FID of {report['num_samples']} samples: biased upwards against the 50,000-sample "
+                     "protocol; compare only at equal N and reference")
+    if notes:
+        report["note"] = " ".join(notes)
     return report
+
+
+def _extractor_note(source: dict) -> str | None:
+    """A warning for statistics made with another network or resize than ours (or ADM's, which ours ports)."""
+    if source["mu"] is None or source["extractor"] in (FEATURE_EXTRACTOR, ADM_EXTRACTOR):
+        return None
+    return (f"{source['path']} holds statistics from {source['extractor']!r}, not from {FEATURE_EXTRACTOR} (or "
+            "ADM's TF graph, which it ports): feature extractors differ by more than rounding, so this FID is not "
+            "comparable with ours; compute the statistics again from the images (--save-stats).")
+
+
+def _check_save_stats(save_stats, reference_source: dict) -> Path:
+    """The --save-stats path, checked before any work: writable, .npz, and a reference that holds images."""
+    if not reference_source["images"]:
+        raise ValueError(f"--save-stats: {reference_source['path']} holds statistics, not images; give the "
+                         "reference images (an .npz with arr_0 or a folder) to compute statistics from")
+    return check_output(save_stats, option="--save-stats")
+
+
+def _inception(inception, weights_path, device):
+    """The Inception to score with: the one given, else loaded as ADM's evaluator resizes (`metrics.load_inception`)."""
+    return inception if inception is not None else metrics.load_inception(weights_path, device, antialias=False)
 
 
 def _other_metrics(fake, fake_logits, real, device, splits, kid_subsets, kid_subset_size, k, seed) -> dict:
@@ -408,13 +437,8 @@ def reference_statistics(reference, out, *, batch_size: int = 250, device=None, 
                          inception=None) -> dict:
     """Compute the Inception statistics (mu, sigma) of the reference images once and write them to `out`
     (`python -m minildm fid REFERENCE --save-stats out.npz`); returns {"num_reference", "saved_statistics"}."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = check_output(out)
-    if not read_source(reference)["images"]:
-        raise ValueError(f"--save-stats: {reference} holds statistics, not images; give the reference images "
-                         "(an .npz with arr_0 or a folder) to compute statistics from")
-    if inception is None:
-        inception = metrics.load_inception(weights_path, device, antialias=False)
+    out = _check_save_stats(out, read_source(reference))
+    inception = _inception(inception, weights_path, device or metrics.default_device())
     real, _ = image_features(reference, inception, batch_size)
     mu, sigma = statistics(real)
     return {"num_reference": len(real), "saved_statistics": str(save_statistics(out, mu, sigma, len(real)))}

@@ -47,6 +47,11 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fi
 INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 
 
+def default_device() -> str:
+    """Where evaluation runs when no device is given: "cuda" if torch can use a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # ---------------------------------------------------------------------------------------------
 # Fréchet distance between Gaussians fitted to two feature sets
 
@@ -580,7 +585,7 @@ def inception_metrics(real_images: torch.Tensor, fake_images: torch.Tensor, *, b
     """
     check_images(real_images, "real_images")
     check_images(fake_images, "fake_images")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     inception = load_inception(weights_path, device)
     real, _ = inception_features(real_images, inception, batch_size)
     fake, fake_logits = inception_features(fake_images, inception, batch_size)

@@ -9,9 +9,11 @@ pixels; a sample drawn from another stream differs by O(1).
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import urllib.error
+import zipfile
 
 import numpy as np
 import pytest
@@ -150,6 +152,16 @@ def test_sample_images_in_adm_layout_with_labels(tmp_path):
         evaluation.sample_images(model, config, 2, label=5, steps=2, progress=False)
 
 
+def test_write_npz_leaves_a_file_others_can_read_and_no_temporary(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = evaluation.write_npz(tmp_path / "s.npz", np.zeros((2, 8, 8, 3), np.uint8), np.arange(2))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not the 0600 of a mkstemp file: colleagues read samples
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]
+
+
 def test_write_npz_rejects_what_adm_cannot_read(tmp_path):
     with pytest.raises(ValueError, match="to_uint8"):
         evaluation.write_npz(tmp_path / "x.npz", np.zeros((2, 3, 8, 8), np.float32))
@@ -257,6 +269,17 @@ def test_reference_statistics_saved_and_read_give_the_same_fid(stand_ins, weight
     assert from_stats["fid"] == pytest.approx(reports["shifted"]["fid"], rel=1e-6)  # two formulas: see metrics
     assert from_stats["num_reference"] is None and "read from" in from_stats["reference_statistics"]
     assert "inception_score" in from_stats and "kid" not in from_stats  # KID needs the reference's images
+    assert "not comparable" not in from_stats["note"]  # our own extractor
+
+
+def test_statistics_of_another_feature_extractor_get_a_note(stand_ins, inception, reports, tmp_path):
+    with np.load(reports["self"]["saved_statistics"]) as stats:
+        arrays = dict(stats)
+    np.savez(tmp_path / "clean_fid.npz", **{**arrays, "extractor": np.str_("clean-fid, PIL bicubic resize")})
+    report = evaluation.fid_report(stand_ins["samples"], tmp_path / "clean_fid.npz", inception=inception)
+    assert report["fid"] == pytest.approx(0.0, abs=1e-6)  # still computed, but flagged
+    assert "'clean-fid, PIL bicubic resize'" in report["note"] and "not comparable" in report["note"]
+    assert "--save-stats" in report["note"] and "biased upwards" in report["note"]
 
 
 def test_adm_reference_batch_statistics_are_used_when_present(stand_ins, inception, reports, tmp_path):
@@ -267,6 +290,7 @@ def test_adm_reference_batch_statistics_are_used_when_present(stand_ins, incepti
     report = evaluation.fid_report(stand_ins["samples"], tmp_path / "VIRTUAL_stand_in.npz", inception=inception)
     assert report["fid"] == pytest.approx(0.0, abs=1e-6)  # the samples' own statistics, not arr_0's
     assert "ADM" in report["reference_statistics"] and report["num_reference"] == 4
+    assert "not comparable" not in report["note"]  # ADM's TF graph is the one our Inception ports
     assert report["kid"] == pytest.approx(reports["shifted"]["kid"], rel=1e-9)  # KID and P/R on arr_0's images
 
 
@@ -275,8 +299,8 @@ def test_a_folder_of_images_reads_as_its_npz(stand_ins, tmp_path):
 
     with np.load(stand_ins["reference"]) as batch:
         images = batch["arr_0"]
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(tmp_path / f"{i:03d}.png")
+    for i, image in enumerate(images):  # every suffix that training reads (data.IMAGE_EXTENSIONS), lossless ones
+        Image.fromarray(image).save(tmp_path / f"{i:03d}{('.png', '.tiff', '.ppm', '.bmp')[i % 4]}")
     np.testing.assert_array_equal(np.concatenate(list(evaluation.read_batches(tmp_path, 2))), images)
     assert evaluation.read_source(tmp_path)["images"]
     Image.new("RGB", (20, 16)).save(tmp_path / "zz_odd.png")
@@ -295,6 +319,11 @@ def test_read_batches_streams_arr_0_and_makes_grey_images_rgb(tmp_path):
     np.savez(tmp_path / "floats.npz", np.zeros((2, 4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="write_npz"):
         list(evaluation.read_batches(tmp_path / "floats.npz"))
+    # .npy format 3.0 (utf-8 field names; numpy writes it only when asked): refused, not misread
+    with zipfile.ZipFile(tmp_path / "v3.npz", "w") as archive, archive.open("arr_0.npy", "w") as member:
+        np.lib.format.write_array(member, grey, version=(3, 0))
+    with pytest.raises(ValueError, match="format version 3.0; this reader streams versions 1.0 and 2.0.*np.savez"):
+        list(evaluation.read_batches(tmp_path / "v3.npz"))
 
 
 def test_fid_offline_is_a_clear_error(stand_ins, tmp_path, monkeypatch, capsys):
@@ -333,7 +362,9 @@ def test_fid_misuse_says_what_to_do(stand_ins, weights, tmp_path, capsys):
     stats = tmp_path / "stats.npz"
     np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
     assert "holds statistics, not images" in error_of(str(stats), "--save-stats", str(tmp_path / "again.npz"))
-    assert "ending in .npz" in error_of(str(stand_ins["reference"]), "--save-stats", str(tmp_path / "stats.json"))
+    wrong_suffix = error_of(str(stand_ins["reference"]), "--save-stats", str(tmp_path / "stats.json"))
+    assert f"--save-stats {tmp_path / 'stats.json'}: give a file ending in .npz\n" in wrong_suffix
+    assert "--out" not in wrong_suffix and ".png" not in wrong_suffix
 
 
 def test_sample_misuse_says_what_to_do(checkpoint, tmp_path, capsys):
@@ -355,7 +386,17 @@ def test_sample_png_grid_shows_the_first_samples_of_the_npz(checkpoint, tmp_path
     from PIL import Image
 
     common = [str(checkpoint), "--num", "4", "--steps", "2", "--seed", "5", "--device", "cpu"]
-    assert main(["sample", *common, "--out", str(tmp_path / "s.npz"), "--batch-size", "3"]) == 0
+    with pytest.MonkeyPatch.context() as patch:  # an .npz is written from the uint8 images: no float copy of them
+        sample_images = evaluation.sample_images
+
+        def then_no_float_copy(*args, **kwargs):
+            images = sample_images(*args, **kwargs)
+            patch.setattr(torch, "from_numpy", lambda array: pytest.fail("a float copy of the samples was made"))
+            return images
+
+        patch.setattr(evaluation, "sample_images", then_no_float_copy)
+        assert main(["sample", *common, "--out", str(tmp_path / "s.npz"), "--batch-size", "3"]) == 0
+    assert f"wrote 4 samples to {tmp_path / 's.npz'}" in capsys.readouterr().out
     assert main(["sample", *common, "--out", str(tmp_path / "s.png")]) == 0
     assert "wrote 4 samples" in capsys.readouterr().out
     with np.load(tmp_path / "s.npz") as batch:
