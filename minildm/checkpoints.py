@@ -483,7 +483,7 @@ def fetch_verified(name: str, *, directory=None) -> Path:
     if dist.get_rank() == 0:
         try:
             outcome[0] = {"path": str(_fetch_and_verify(name, directory))}
-        except Exception as failure:  # the others wait for an answer: send them the error too
+        except Exception as failure:  # noqa: BLE001 (any error: the others wait for an answer, send it too)
             error, outcome[0] = failure, {"error": type(failure).__name__, "message": str(failure)}
     dist.broadcast_object_list(outcome, src=0)
     if error is not None:

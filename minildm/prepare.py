@@ -68,7 +68,7 @@ import os
 import sys
 from pathlib import Path
 
-from minildm import data
+from minildm import checkpoints, data
 from minildm.progress import progress
 
 PREPARED = ("lsun", "imagenet", "celebahq")
@@ -152,25 +152,24 @@ def _convert(job) -> None:
     except OSError as error:  # name the image: the run stops here and resumes after it is fixed or removed
         origin = f"the record for {target.name}" if isinstance(source, bytes) else source
         raise OSError(f"cannot decode {origin}: {error}") from error
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, target)
+    # fsynced before the rename (a resumed run trusts every .png it finds); no fsync of the folder per image: a
+    # rename lost in a power cut only means the image is converted again
+    with checkpoints.atomic_path(target, sync_folder=False) as temporary:
+        image.save(temporary, format="PNG")
 
 
 def _run(jobs, total: int, workers: int, description: str) -> None:
-    bar = progress(total=total, desc=description, unit="img")
-    if workers > 1:
-        import multiprocessing
+    with progress(total=total, desc=description, unit="img") as bar:  # closed on an error too
+        if workers > 1:
+            import multiprocessing
 
-        with multiprocessing.Pool(workers) as pool:
-            for _ in pool.imap_unordered(_convert, jobs, chunksize=16):
+            with multiprocessing.Pool(workers) as pool:
+                for _ in pool.imap_unordered(_convert, jobs, chunksize=16):
+                    bar.update()
+        else:
+            for job in jobs:
+                _convert(job)
                 bar.update()
-    else:
-        for job in jobs:
-            _convert(job)
-            bar.update()
-    bar.close()
 
 
 def _lsun_jobs(lmdb_dir: Path, partial: Path, prefix: str, image_size: int, limit: int):
@@ -178,17 +177,29 @@ def _lsun_jobs(lmdb_dir: Path, partial: Path, prefix: str, image_size: int, limi
     import lmdb
 
     environment = lmdb.open(str(lmdb_dir), readonly=True, lock=False, readahead=False, max_readers=126)
-    with environment.begin(write=False) as transaction:
-        for i, (_, value) in enumerate(transaction.cursor()):
-            if i >= limit:
-                break
-            yield bytes(value), partial / f"{prefix}_{i:07d}.png", "lsun", image_size
-    environment.close()
+    try:  # closed also when a conversion fails and the generator is dropped
+        with environment.begin(write=False) as transaction:
+            for i, (_, value) in enumerate(transaction.cursor()):
+                if i >= limit:
+                    break
+                yield bytes(value), partial / f"{prefix}_{i:07d}.png", "lsun", image_size
+    finally:
+        environment.close()
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    """Files of conversions that a killed process left: `checkpoints.atomic_path`'s `.<name>.tmp<pid>-<random>`
+    and the `<name>.tmp` of earlier versions."""
+    return [p for p in folder.rglob("*") if p.is_file() and (p.name.endswith(".tmp") or
+                                                             (p.name.startswith(".") and ".tmp" in p.name))]
 
 
 def _finish(partial: Path, out: Path, manifest: dict) -> Path:
+    for leftover in _temporaries(partial):  # never part of the finished folder
+        leftover.unlink()
     manifest["count"] = sum(1 for p in partial.rglob("*.png"))
-    (partial / "prepared.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    with checkpoints.atomic_path(partial / "prepared.json") as temporary:
+        temporary.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(partial, out)  # the folder appears complete or not at all
     print(f"wrote {manifest['count']} images to {out}")
     return out
@@ -237,7 +248,7 @@ def prepare_folder(name: str, source: str | Path, out: str | Path, image_size: i
     train/<synset>/, val/<synset>/) and names, as PNG; the first `max_images` in sorted order if given."""
     source, out = Path(source), Path(out)
     layout = SOURCES[name]["layout"].format(source=source, prepared=out, category="")
-    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS) if source.is_dir() else []
+    files = data.image_files(source) if source.is_dir() else []
     if not files:
         raise data.DatasetUnavailableError(f"no images under {source}. Fetch {SOURCES[name]['url']} "
                                            f"(page: {SOURCES[name]['page']}).\nExpected layout: {layout}")
@@ -261,7 +272,7 @@ def _describe(path: Path) -> str:
         return "missing"
     if data.is_lmdb(path):
         return "found (lmdb export)"
-    count = sum(1 for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS)
+    count = len(data.image_files(path))
     return f"found, {count:,} images" if count else "exists but holds no images"
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,7 +197,8 @@ def test_prepare_lsun_resumes_and_stops_at_max_images(tmp_path, capsys):
     partial.mkdir()
     marker = np.full((8, 8, 3), 7, np.uint8)
     Image.fromarray(marker).save(partial / "bedroom_0000001.png")
-    (partial / "bedroom_0000002.png.tmp").write_bytes(b"trunc")
+    (partial / "bedroom_0000002.png.tmp").write_bytes(b"trunc")  # an earlier version's temporary name
+    (partial / ".bedroom_0000009.png.tmp4242-0a1b2c3d").write_bytes(b"trunc")  # checkpoints.atomic_path's
     assert prepare.main(["lsun", "--lmdb", str(lmdb_dir), "--out", str(out), "--image-size", "8",
                          "--max-images", "4"]) == 0
     assert "resuming" in capsys.readouterr().out
@@ -205,9 +207,61 @@ def test_prepare_lsun_resumes_and_stops_at_max_images(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "bedroom_0000001.png")), marker)  # kept, not redone
     np.testing.assert_array_equal(np.asarray(Image.open(out / "bedroom_0000002.png")), adm_lsun_image(values[2], 8))
     assert not partial.exists()
+    assert sorted(f.name for f in out.iterdir()) == [*names, "prepared.json"]  # no temporary file came along
     # a finished folder is left alone
     assert prepare.main(["lsun", "--lmdb", str(lmdb_dir), "--out", str(out), "--image-size", "8"]) == 0
     assert "already prepared" in capsys.readouterr().out and len(list(out.glob("*.png"))) == 4
+
+
+def test_a_failed_conversion_closes_the_lmdb_and_the_progress_bar_and_keeps_no_half_image(tmp_path, monkeypatch):
+    import lmdb
+
+    lmdb_dir = tmp_path / "bedroom_train_lmdb"
+    make_lsun_lmdb(lmdb_dir)
+    environments, bars, lmdb_open = [], [], lmdb.open
+
+    class Environment:  # lmdb's own type cannot be patched: a wrapper that records close()
+        def __init__(self, *args, **kwargs):
+            self.inner, self.closed = lmdb_open(*args, **kwargs), False
+            environments.append(self)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def close(self):
+            self.closed = True
+            self.inner.close()
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            self.closed = False
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.closed = True
+
+        def update(self, n=1):
+            pass
+
+    save = Image.Image.save
+
+    def disk_full_at_the_third(image, fp, *args, **kwargs):
+        if "0000002" in str(fp):
+            Path(fp).write_bytes(b"half a png")
+            raise OSError(28, "No space left on device")
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(lmdb, "open", Environment)
+    monkeypatch.setattr(prepare, "progress", Bar)
+    monkeypatch.setattr(Image.Image, "save", disk_full_at_the_third)
+    with pytest.raises(OSError, match="No space left"):
+        prepare.prepare_lsun(lmdb_dir, tmp_path / "out", image_size=8)
+    assert environments and all(e.closed for e in environments) and [b.closed for b in bars] == [True]
+    partial = tmp_path / "out.partial"
+    assert sorted(f.name for f in partial.iterdir()) == ["bedroom_0000000.png", "bedroom_0000001.png"]
 
 
 def test_prepare_with_workers_writes_the_same_images(tmp_path):
