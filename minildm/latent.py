@@ -30,7 +30,7 @@ from torch import nn
 
 import minildm
 from minildm import autoencoder as autoencoder_lib
-from minildm import checkpoints, conditioning
+from minildm import checkpoints, conditioning, sampling
 from minildm import config as config_lib
 
 REPOSITORY = Path(__file__).resolve().parents[1]  # relative first-stage paths also resolve here
@@ -268,17 +268,22 @@ def tokenize(ldm: LatentDiffusion, conditions) -> torch.Tensor:
 @torch.no_grad()
 def sample(ldm: LatentDiffusion, diffusion, conditions=None, *, num: int | None = None, sampler: str = "ddim",
            steps: int = 25, guidance_scale: float = 1.0, seed: int = 0, batch_size: int | None = None,
-           x0: torch.Tensor | None = None, mask: torch.Tensor | None = None, return_latents: bool = False,
-           progress: bool = False, callback=None):
+           eta: float = 0.0, generator: torch.Generator | sampling.PerSampleGenerator | None = None,
+           x0: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+           return_latents: bool = False, progress: bool = False, callback=None):
     """Images [N, 3, H, W] of the latent model for `conditions` (captions, layouts, labels, token ids, or None).
 
-    sampler: "ddim" (eta 0), "plms" (LDM's) or "ddpm", over `steps` evenly spaced timesteps; guidance_scale: w of
-    classifier-free guidance, eps_u + w (eps_c - eps_u) (1: none, LDM's `unconditional_guidance_scale`).
-    x0, mask: inpainting in latent space (scaled latents [N, C, h, w] of the known image; mask [N or 1, 1, h, w],
-    1 where known). The same seed gives the same x_T per sample whatever the batch_size (one generator, drawn
-    in order). return_latents: also return the final latents.
+    sampler: "ddim" (with `eta`, default 0), "plms" (LDM's) or "ddpm", over `steps` evenly spaced timesteps;
+    guidance_scale: w of classifier-free guidance, eps_u + w (eps_c - eps_u) (1: none, LDM's
+    `unconditional_guidance_scale`). x0, mask: inpainting in latent space (scaled latents [N, C, h, w] of the known
+    image; mask [N or 1, 1, h, w], 1 where known). return_latents: also return the final latents.
+    Noise: by default one torch.Generator seeded with `seed`, drawn in order, so the same seed gives the same x_T
+    per sample whatever the batch_size. generator: draw x_T and every step's noise from it instead (seed is then
+    unused): a torch.Generator, or a `sampling.PerSampleGenerator` of the N samples' global indices, which gives
+    sample i its own stream whatever batch or process draws it (`evaluation.sample_images` samples one batch of
+    its shard so; the batch is then the whole call: leave batch_size out).
     """
-    from minildm import guidance, sampling, schedules
+    from minildm import guidance, schedules
 
     device = ldm.scale_factor.device
     y = None if conditions is None else tokenize(ldm, conditions).to(device)
@@ -293,14 +298,20 @@ def sample(ldm: LatentDiffusion, diffusion, conditions=None, *, num: int | None 
         raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(samplers)}")
     timesteps = schedules.space_timesteps(diffusion.num_timesteps, str(min(steps, diffusion.num_timesteps)))
     u = ldm.unet.config
-    generator = torch.Generator(device).manual_seed(seed)
-    latents = []
     step = batch_size or n
+    if isinstance(generator, sampling.PerSampleGenerator) and (len(generator) != n or step < n):
+        raise ValueError(f"a PerSampleGenerator draws one batch of exactly its samples: it holds {len(generator)} "
+                         f"streams for {n} samples in batches of {step}; give one stream per sample and leave "
+                         "batch_size out (evaluation.shard makes the batches)")
+    if generator is None:
+        generator = torch.Generator(device).manual_seed(seed)
+    extra = {"eta": eta} if sampler == "ddim" else {}
+    latents = []
     for start in range(0, n, step):
         size = min(step, n - start)
-        x_T = torch.randn((size, u.in_channels, u.image_size, u.image_size), generator=generator, device=device)
+        x_T = sampling.randn((size, u.in_channels, u.image_size, u.image_size), generator, device)
         kwargs = dict(model_kwargs=None if y is None else {"y": y[start:start + size]}, clip_denoised=False,
-                      generator=generator, progress=progress, callback=callback)
+                      generator=generator, progress=progress, callback=callback, **extra)
         if mask is not None:
             kwargs.update(x0=x0[start:start + size], mask=mask if mask.shape[0] == 1 else mask[start:start + size])
         latents.append(samplers[sampler](model, diffusion, x_T, timesteps, **kwargs))

@@ -168,6 +168,32 @@ def test_sample_is_the_same_for_every_batch_size_and_guidance_one_is_the_plain_m
         latent.sample(ldm, diffusion, labels, sampler="heun")
 
 
+def test_a_per_sample_generator_gives_each_sample_its_own_stream_and_one_batch_per_call():
+    ldm = tiny_ldm().eval()
+    diffusion = minildm.build_diffusion(ldm.config)
+    labels = torch.tensor([0, 1, 2, 0])
+
+    def run(indices, sampler, **options):
+        return latent.sample(ldm, diffusion, labels[indices], steps=3, sampler=sampler, **options,
+                             generator=sampling.PerSampleGenerator(7, indices), return_latents=True)[1]
+
+    for sampler, options in [("ddpm", {}), ("ddim", {"eta": 1.0}), ("plms", {"guidance_scale": 2.0})]:
+        together = run([0, 1, 2, 3], sampler, **options)
+        apart = torch.cat([run([0, 1], sampler, **options), run([2], sampler, **options),
+                           run([3], sampler, **options)])
+        torch.testing.assert_close(together, apart, rtol=0, atol=1e-4)  # the noise is the sample's, not the batch's
+    x_T = sampling.PerSampleGenerator(7, [2]).randn((1, 2, 8, 8))  # sample 2's x_T comes first from its stream
+    expected = sampling.ddim_sample(ldm, diffusion, x_T, minildm.schedules.space_timesteps(50, "3"),
+                                    clip_denoised=False, model_kwargs={"y": labels[[2]]}, progress=False)
+    torch.testing.assert_close(run([2], "ddim"), expected, rtol=0, atol=1e-5)
+    seeded = latent.sample(ldm, diffusion, labels, steps=3, seed=7, return_latents=True)[1]
+    assert (seeded - together).abs().max() > 0.1  # one generator seeded with 7 is another stream
+    with pytest.raises(ValueError, match="holds 4 streams for 4 samples in batches of 2; .*leave batch_size out"):
+        latent.sample(ldm, diffusion, labels, steps=2, batch_size=2, generator=sampling.PerSampleGenerator(0, range(4)))
+    with pytest.raises(ValueError, match="holds 3 streams for 4 samples"):
+        latent.sample(ldm, diffusion, labels, steps=2, generator=sampling.PerSampleGenerator(0, range(3)))
+
+
 def test_guided_sampling_equals_the_guidance_formula_on_the_latents():
     ldm = tiny_ldm().eval()
     diffusion = minildm.build_diffusion(ldm.config)
