@@ -290,9 +290,6 @@ def _sample(args) -> int:
 
     out = evaluation.check_output(args.out, (".png", ".npz"))  # before sampling: a long run must not fail at its end
     if _is_latent(args.checkpoint):
-        if out.suffix.lower() == ".npz":
-            raise ValueError("--out .npz: batches for FID are written for pixel-space checkpoints; sample a latent "
-                             "diffusion checkpoint to a .png grid (or from Python with minildm.latent.sample)")
         return _sample_latent(args)
     if args.sampler == "plms" or args.prompt is not None:
         raise ValueError("--sampler plms and --prompt are for latent diffusion checkpoints (experiments.latent); "
@@ -374,44 +371,63 @@ def _fid(args) -> int:
 
 def _sample_latent(args) -> int:
     """Sample a latent diffusion model: a checkpoint file, or a latent preset's released file (ldm-cin256-v2,
-    sd-v1; downloaded once and checked); --prompt (text, CLIP), --class (class labels) or nothing (unconditional)."""
+    sd-v1; downloaded once and checked); --prompt (text, CLIP), --class (class labels) or nothing (unconditional).
+
+    --out .npz: ADM's batch for FID through `evaluation.sample_images` (per-sample seeds, sharded under torchrun,
+    labels drawn per sample unless --class); .png: a grid of `latent.sample` (classes 0, 1, 2, ... in turn).
+    """
     import torch
+    import torch.distributed as dist
 
     import minildm
-    from minildm import conditioning, latent, progress, train
+    from minildm import conditioning, evaluation, latent, progress, train
 
-    device = _device(args.device)
     if args.classifier:
         raise ValueError("--classifier: latent diffusion checkpoints are guided without a classifier; use "
                          "--guidance-scale")
-    if not Path(args.checkpoint).exists() and latent.is_latent_preset(args.checkpoint):
-        try:
-            ldm = latent.load_official(args.checkpoint, device=device, use_ema=args.ema)
-        except conditioning.PretrainedWeightsUnavailable as error:  # CLIP's tokenizer offline: one line, as a download
-            raise ConnectionError(str(error)) from None
-    else:
-        ldm = latent.load(args.checkpoint, device=device, ema=args.ema)
-    kind = ldm.config.latent.conditioner
-    if kind in ("text", "clip"):
-        if args.prompt is None:
-            raise ValueError("this checkpoint draws captions: give --prompt 'a large red circle on the left'")
-        conditions = [args.prompt] * args.num
-    elif kind == "class":
-        classes = ldm.config.latent.cond_vocab - 1  # the last class is the null class
-        if args.label is not None and not 0 <= args.label < classes:
-            raise ValueError(f"--class {args.label}: this model has classes 0 .. {classes - 1}")
-        conditions = torch.full((args.num,), args.label) if args.label is not None else torch.arange(args.num) % classes
-    elif kind == "none":
-        conditions = None
-    else:
-        raise ValueError(f"sampling a latent.conditioner={kind!r} checkpoint needs its conditions (boxes, ...): use "
-                         "minildm.latent.sample from Python")
-    samples = latent.sample(ldm, minildm.build_diffusion(ldm.config), conditions, num=args.num, sampler=args.sampler,
-                            steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                            progress=progress.enabled())
-    path = train.save_grid(samples, args.out)
-    print(f"wrote {len(samples)} samples to {path}")
-    return 0
+    out = evaluation.check_output(args.out, (".png", ".npz"))
+    env = train.setup_distributed(_device(args.device))
+    try:
+        if not Path(args.checkpoint).exists() and latent.is_latent_preset(args.checkpoint):
+            try:
+                ldm = latent.load_official(args.checkpoint, device=env.device, use_ema=args.ema)
+            except conditioning.PretrainedWeightsUnavailable as error:  # CLIP's tokenizer offline: as a download
+                raise ConnectionError(str(error)) from None
+        else:
+            ldm = latent.load(args.checkpoint, device=env.device, ema=args.ema)
+        if out.suffix.lower() == ".npz":  # sample_images checks --class and --prompt against the conditioner
+            images, labels = evaluation.sample_images(
+                ldm, ldm.config, args.num, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
+                eta=args.eta, seed=args.seed, label=args.label, guidance_scale=args.guidance_scale,
+                prompt=args.prompt, progress=progress.enabled())
+            if env.main:
+                print(f"wrote {len(images)} samples to {evaluation.write_npz(out, images, labels)}")
+            return 0
+        kind = ldm.config.latent.conditioner
+        if kind in ("text", "clip"):
+            if args.prompt is None:
+                raise ValueError("this checkpoint draws captions: give --prompt 'a large red circle on the left'")
+            conditions = [args.prompt] * args.num
+        elif kind == "class":
+            classes = ldm.config.latent.cond_vocab - 1  # the last class is the null class
+            if args.label is not None and not 0 <= args.label < classes:
+                raise ValueError(f"--class {args.label}: this model has classes 0 .. {classes - 1}")
+            conditions = torch.full((args.num,), args.label) if args.label is not None else \
+                torch.arange(args.num) % classes
+        elif kind == "none":
+            conditions = None
+        else:
+            raise ValueError(f"sampling a latent.conditioner={kind!r} checkpoint needs its conditions (boxes, ...): "
+                             "use minildm.latent.sample from Python")
+        samples = latent.sample(ldm, minildm.build_diffusion(ldm.config), conditions, num=args.num,
+                                sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                guidance_scale=args.guidance_scale, seed=args.seed, progress=progress.enabled())
+        if env.main:
+            print(f"wrote {len(samples)} samples to {train.save_grid(samples, out)}")
+        return 0
+    finally:
+        if env.started_here:
+            dist.destroy_process_group()
 
 
 def _bpd(args) -> int:

@@ -2,6 +2,7 @@
 
     python -m minildm sample CKPT --num 50000 --batch-size 256 --out samples.npz            # one process
     torchrun --nproc_per_node 8 -m minildm sample CKPT --num-samples 50000 --batch-size 256 --out samples.npz
+    python -m minildm sample ldm-cin256-v2 --num 50000 --steps 250 --guidance-scale 1.5 --out samples.npz  # an LDM
     python -m minildm fid samples.npz VIRTUAL_imagenet64_labeled.npz    # ADM's reference batch (mu, sigma inside)
     python -m minildm fid data/cifar10-train-png/ --save-stats cifar10_train_stats.npz   # reference stats, once
     python -m minildm fid samples.npz cifar10_train_stats.npz
@@ -13,6 +14,13 @@ arithmetic differently for other batch sizes: tests/test_evaluation.py measures 
 than 1% of the pixels). The indices are dealt in rounds of world_size x batch_size: in round k process r samples
 [k W B + r B, k W B + (r + 1) B), and one all_gather per round puts the batches in index order on rank 0, which
 alone writes the file (a temporary file renamed into place).
+
+Latent diffusion models (`latent.LatentDiffusion`) take the same path: each batch of indices is one call of
+`latent.sample` with the batch's `PerSampleGenerator` (x_T and every step's noise of the latents from sample i's
+stream; ddim, plms or ddpm; classifier-free guidance with the conditioner's null condition), decoded by the first
+stage to images in [-1, 1]. A class-conditional LDM labels its samples as a pixel model does (its conditioner's
+classes less the null class); a text-conditional one draws every sample from the one prompt (no labels); a
+layout-conditional one is refused (each sample would need its own boxes).
 
 (Under torchrun spell --num as --num-samples: torchrun's own parser takes --num for its --numa-binding.)
 
@@ -119,17 +127,20 @@ def shard(num: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list
 
 def sample_images(model, config, num: int, *, batch_size: int = 64, sampler: str = "ddim", steps: int = 50,
                   eta: float = 0.0, seed: int = 0, label: int | None = None, guidance_scale: float = 1.0,
-                  classifier=None, classifier_scale: float = 0.0, progress: bool = True, noise_device="cpu"
-                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
+                  classifier=None, classifier_scale: float = 0.0, prompt: str | None = None, progress: bool = True,
+                  noise_device="cpu") -> tuple[np.ndarray | None, np.ndarray | None]:
     """`num` samples sharded over the torch.distributed processes (or this one): (uint8 [N, H, W, C], labels [N])
     in index order on rank 0, (None, None) on the others.
 
-    batch_size is per process. label: every sample's class (else drawn per sample, `class_labels`); labels is None
-    for an unconditional, unguided model. Guidance as `train.generate` (`guidance.guided_model`). Progress bar on
-    rank 0. noise_device: see `sample_indices` ("cuda": this process's GPU). A label the model (or its classifier)
-    has no class for is a ValueError that names --class, the command line's option for it.
+    model: a pixel-space UNet (`sample_indices`) or a `latent.LatentDiffusion` (config = its config; `latent.sample`
+    draws the latents of each batch with the batch's `sampling.PerSampleGenerator`, ddim / plms / ddpm, and the
+    first stage decodes them). batch_size is per process. label: every sample's class (else drawn per sample,
+    `class_labels`); labels is None for an unconditional, unguided or text-conditional model. prompt: the caption
+    of every sample of a text-conditional latent model. Guidance as `train.generate` (`guidance.guided_model`) for
+    pixel models, classifier-free only for latent ones. Progress bar on rank 0. noise_device: see `sample_indices`
+    ("cuda": this process's GPU). A label the model (or its classifier) has no class for is a ValueError that names
+    --class, the command line's option for it.
     """
-    import minildm
     from minildm.progress import progress as progress_bar
 
     if config.model != "unet":
@@ -137,15 +148,14 @@ def sample_images(model, config, num: int, *, batch_size: int = 64, sampler: str
                          "train.generate and a .png plot)")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
-    model, cond_fn, classes = guidance.guided_model(model, config, guidance_scale=guidance_scale,
-                                                    classifier=classifier, classifier_scale=classifier_scale,
-                                                    device=device)
+    setup = _latent_draw if _is_latent(model) else _pixel_draw
+    draw, classes, (side, channels) = setup(
+        model, config, sampler=sampler, steps=steps, eta=eta, seed=seed, guidance_scale=guidance_scale,
+        classifier=classifier, classifier_scale=classifier_scale, prompt=prompt, device=device,
+        noise_device=device if noise_device == "cuda" else noise_device)
     if label is not None and not 0 <= label < max(classes, 1):
         raise ValueError(f"--class {label}: this model has classes 0 .. {classes - 1}" if classes else
-                         f"--class {label}: this model is unconditional (unet.num_classes=0); leave --class out, or "
-                         "guide it with a classifier (--classifier, with a --classifier-scale other than 0)")
-    diffusion = minildm.build_diffusion(config)
-    side, channels = config.unet.image_size, config.unet.in_channels
+                         f"--class {label}: {_unconditional(model, config)}")
     images = np.empty((num, side, side, channels), np.uint8) if rank == 0 else None
     labels = np.empty(num, np.int64) if rank == 0 and classes else None
     bar = progress_bar(total=num, disable=not progress or rank != 0, desc=f"sampling ({world_size} processes)")
@@ -156,9 +166,7 @@ def sample_images(model, config, num: int, *, batch_size: int = 64, sampler: str
             y = torch.full((len(indices),), label) if label is not None else class_labels(seed, indices, classes)
         batch = torch.zeros(0, side, side, channels, dtype=torch.uint8, device=device)
         if indices:
-            batch = to_uint8(sample_indices(model, diffusion, config, indices, seed=seed, sampler=sampler, steps=steps,
-                                            eta=eta, labels=y, cond_fn=cond_fn, device=device,
-                                            noise_device=device if noise_device == "cuda" else noise_device))
+            batch = to_uint8(draw(indices, y))
         round_images, round_labels = _gather(batch, batch_size), _gather(y.to(device), batch_size) if classes else None
         if rank == 0:
             images[filled:filled + len(round_images)] = round_images.cpu().numpy()
@@ -168,6 +176,73 @@ def sample_images(model, config, num: int, *, batch_size: int = 64, sampler: str
         bar.update(len(round_images))
     bar.close()
     return images, labels
+
+
+def _is_latent(model) -> bool:
+    from minildm import latent
+
+    return isinstance(model, latent.LatentDiffusion)
+
+
+def _pixel_draw(model, config, *, sampler, steps, eta, seed, guidance_scale, classifier, classifier_scale, prompt,
+                device, noise_device):
+    """(draw(indices, y) -> images [B, C, H, W] in [-1, 1], number of classes, (side, channels)) of a pixel UNet."""
+    import minildm
+
+    if prompt is not None:
+        raise ValueError("--prompt is for text-conditional latent diffusion models; this is a pixel-space UNet")
+    model, cond_fn, classes = guidance.guided_model(model, config, guidance_scale=guidance_scale,
+                                                    classifier=classifier, classifier_scale=classifier_scale,
+                                                    device=device)
+    diffusion = minildm.build_diffusion(config)
+
+    def draw(indices, y):
+        return sample_indices(model, diffusion, config, indices, seed=seed, sampler=sampler, steps=steps, eta=eta,
+                              labels=y, cond_fn=cond_fn, device=device, noise_device=noise_device)
+    return draw, classes, (config.unet.image_size, config.unet.in_channels)
+
+
+def _latent_draw(ldm, config, *, sampler, steps, eta, seed, guidance_scale, classifier, classifier_scale, prompt,
+                 device, noise_device):
+    """The same for a `latent.LatentDiffusion`: class labels (the conditioner's vocabulary less its null class),
+    one caption for every sample (text, CLIP), or nothing (unconditional); layouts are refused."""
+    import minildm
+    from minildm import latent
+
+    kind = config.latent.conditioner
+    if classifier is not None or classifier_scale != 0:
+        raise ValueError("--classifier: latent diffusion models are guided without a classifier; use "
+                         "--guidance-scale (classifier-free guidance)")
+    if kind == "layout":
+        raise ValueError("a layout-conditional model draws each sample from its own boxes, which an .npz batch "
+                         "cannot ask for: sample it from Python with minildm.latent.sample(ldm, diffusion, (boxes, "
+                         "labels)), or give a class-, text- or un-conditional checkpoint")
+    if kind in ("text", "clip") and prompt is None:
+        raise ValueError("this checkpoint draws captions: give --prompt 'a large red circle on the left' (the "
+                         "caption of every sample)")
+    if kind not in ("text", "clip") and prompt is not None:
+        raise ValueError(f"--prompt is for text-conditional models; this one has latent.conditioner={kind!r}: "
+                         "leave --prompt out")
+    diffusion = minildm.build_diffusion(config)
+    classes = config.latent.cond_vocab - 1 if kind == "class" else 0  # the last class is the null class
+
+    def draw(indices, y):
+        conditions = [prompt] * len(indices) if prompt is not None else y
+        return latent.sample(ldm, diffusion, conditions, num=len(indices), sampler=sampler, steps=steps, eta=eta,
+                             guidance_scale=guidance_scale,
+                             generator=sampling.PerSampleGenerator(seed, indices, noise_device))
+    first_stage = ldm.first_stage_model.config
+    return draw, classes, (config.data.image_size, first_stage.out_channels)
+
+
+def _unconditional(model, config) -> str:
+    """Why --class does not apply: the second half of its error message."""
+    if not _is_latent(model):
+        return ("this model is unconditional (unet.num_classes=0); leave --class out, or guide it with a classifier "
+                "(--classifier, with a --classifier-scale other than 0)")
+    if config.latent.conditioner in ("text", "clip"):
+        return "this model is text-conditional; leave --class out and give --prompt"
+    return "this latent diffusion model is unconditional (latent.conditioner='none'); leave --class out"
 
 
 def _gather(rows: torch.Tensor, batch_size: int) -> torch.Tensor:

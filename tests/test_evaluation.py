@@ -14,19 +14,21 @@ import subprocess
 import sys
 import urllib.error
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import minildm
-from minildm import checkpoints, evaluation, metrics, presets, sampling
+from minildm import checkpoints, evaluation, latent, metrics, presets, sampling
 from minildm.__main__ import main
 from minildm.config import override
 
 TINY = ["unet.channels=16", "unet.channel_mult=1,2", "unet.attention_resolutions=8", "unet.num_head_channels=16",
         "diffusion.num_timesteps=50"]
 STEPS = 4
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "checkpoints"  # chapter 06's latent models (32x32 shapes)
 
 
 def tiny_model(overrides=()):
@@ -186,6 +188,95 @@ def test_two_gloo_processes_write_the_same_npz_as_one(checkpoint, tmp_path):
         difference = np.abs(two["arr_0"].astype(int) - one["arr_0"].astype(int))
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz", "two.npz"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent diffusion models: the same sharded path, latents decoded by the first stage
+
+
+@pytest.fixture(scope="module")
+def shapes_ldm():
+    """The shipped class-conditional LDM (5 shape kinds + the null class, 8x8x3 latents, 32x32 images)."""
+    return latent.load(SHIPPED / "ldm-shapes-class.safetensors")
+
+
+@pytest.mark.parametrize("sampler,guidance_scale", [("ddim", 2.0), ("ddpm", 1.0), ("plms", 3.0)])
+def test_a_latent_model_samples_the_same_images_and_labels_for_any_batch_size(shapes_ldm, sampler, guidance_scale):
+    def run(batch_size, seed=3, label=None):
+        return evaluation.sample_images(shapes_ldm, shapes_ldm.config, 5, batch_size=batch_size, sampler=sampler,
+                                        steps=STEPS, seed=seed, label=label, guidance_scale=guidance_scale,
+                                        progress=False)
+
+    runs = {batch_size: run(batch_size) for batch_size in (1, 2, 5)}
+    images, labels = runs[1]
+    assert images.dtype == np.uint8 and images.shape == (5, 32, 32, 3)
+    torch.testing.assert_close(torch.from_numpy(labels), evaluation.class_labels(3, range(5), 5))  # kinds 0 .. 4
+    for batch_size in (2, 5):
+        np.testing.assert_array_equal(runs[batch_size][1], labels)
+        pixels = np.abs(runs[batch_size][0].astype(int) - images.astype(int))
+        assert pixels.max() <= 1 and (pixels > 0).mean() < 0.01  # measured: < 0.2% of the pixels, by one level
+    # sample 3 is latent.sample of its own label and stream, decoded
+    alone = latent.sample(shapes_ldm, minildm.build_diffusion(shapes_ldm.config), torch.from_numpy(labels[3:4]),
+                          sampler=sampler, steps=STEPS, guidance_scale=guidance_scale,
+                          generator=sampling.PerSampleGenerator(3, [3]))
+    pixels = np.abs(evaluation.to_uint8(alone)[0].numpy().astype(int) - images[3].astype(int))
+    assert pixels.max() <= 1
+    other, _ = run(5, seed=4)
+    assert np.abs(other.astype(int) - images.astype(int)).mean() > 5  # another seed: other samples
+    fixed, fixed_labels = run(2, label=4)
+    assert fixed_labels.tolist() == [4] * 5 and np.abs(fixed.astype(int) - images.astype(int)).max() > 50
+    with pytest.raises(ValueError, match=r"--class 5: this model has classes 0 \.\. 4"):  # 5 is the null class
+        run(2, label=5)
+
+
+def test_two_gloo_processes_write_the_same_latent_npz_as_one(tmp_path):
+    env = {**os.environ, "MINILDM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    common = [str(SHIPPED / "ldm-shapes-class.safetensors"), "--num-samples", "5", "--steps", str(STEPS),
+              "--sampler", "ddpm", "--guidance-scale", "2", "--seed", "2", "--device", "cpu"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "minildm", "sample", *common, "--batch-size", "2", "--out", str(tmp_path / "two.npz")]
+    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("wrote 5 samples") == 1  # rank 0 alone writes and reports
+    assert main(["sample", *common, "--batch-size", "5", "--out", str(tmp_path / "one.npz")]) == 0
+    with np.load(tmp_path / "two.npz") as two, np.load(tmp_path / "one.npz") as one:
+        assert two.files == ["arr_0", "arr_1"] and two["arr_0"].shape == (5, 32, 32, 3)
+        np.testing.assert_array_equal(two["arr_1"], one["arr_1"])
+        np.testing.assert_array_equal(two["arr_1"], evaluation.class_labels(2, range(5), 5).numpy())
+        difference = np.abs(two["arr_0"].astype(int) - one["arr_0"].astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz", "two.npz"]
+
+
+def test_the_command_line_writes_latent_npz_batches_and_says_what_to_do(tmp_path, capsys):
+    def sample(model, *argv):
+        return main(["sample", str(SHIPPED / f"ldm-shapes-{model}.safetensors"), "--num", "3", "--steps", "2",
+                     "--device", "cpu", "--out", str(tmp_path / f"{model}.npz"), *argv])
+
+    assert sample("text", "--prompt", "a large red circle on the left", "--guidance-scale", "3") == 0
+    assert sample("class", "--class", "2", "--sampler", "plms") == 0
+    assert "wrote 3 samples" in capsys.readouterr().out
+    with np.load(tmp_path / "text.npz") as text, np.load(tmp_path / "class.npz") as classes:
+        assert text.files == ["arr_0"] and text["arr_0"].shape == (3, 32, 32, 3)  # one prompt: no labels
+        assert classes["arr_1"].tolist() == [2, 2, 2] and classes["arr_0"].dtype == np.uint8
+    (tmp_path / "text.npz").unlink()
+    (tmp_path / "class.npz").unlink()
+
+    def error_of(model, *argv):
+        assert sample(model, *argv) == 2
+        return capsys.readouterr().err
+
+    assert "a layout-conditional model draws each sample from its own boxes" in error_of("layout")
+    assert "minildm.latent.sample(ldm, diffusion, (boxes, labels))" in error_of("layout")
+    assert "give --prompt" in error_of("text")
+    assert "this model is text-conditional; leave --class out and give --prompt" in error_of(
+        "text", "--prompt", "a red square", "--class", "1")
+    assert "--prompt is for text-conditional models; this one has latent.conditioner='class'" in error_of(
+        "class", "--prompt", "a red square")
+    assert "--class 7: this model has classes 0 .. 4" in error_of("class", "--class", "7")
+    assert "guided without a classifier; use --guidance-scale" in error_of(
+        "class", "--classifier", str(SHIPPED / "shapes-classifier.safetensors"))
+    assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
