@@ -11,6 +11,7 @@
     python -m minildm sample ddpm-shapes.safetensors --classifier shapes-classifier.safetensors --classifier-scale 4
     python -m minildm sample ddpm-shapes-cond.safetensors --guidance-scale 3   # classifier-free guidance
     python -m minildm sample ldm-shapes-text.safetensors --prompt "a large red circle on the left" --sampler plms
+    python -m minildm sample ldm-cin256-v2 --num 50000 --guidance-scale 1.5 --out samples.npz   # for FID
     python -m minildm sample adm-imagenet64 --num 50000 --batch-size 256 --out samples.npz   # ADM's .npz batch
     torchrun --nproc_per_node 8 -m minildm sample adm-imagenet64 --num-samples 50000 --out samples.npz  # same noise
     python -m minildm fid samples.npz VIRTUAL_imagenet64_labeled.npz   # FID, IS, KID, precision/recall
