@@ -289,3 +289,32 @@ def test_callback_dict_and_positional_forms():
     assert legacy == [(0, 19), (1, 10), (2, 0)]
     assert set(infos[0]) == {"i", "t", "t_prev", "x", "x_prev", "pred_x0", "denoised"}
     torch.testing.assert_close(infos[1]["x"], infos[0]["x_prev"])
+
+
+def test_guided_model_sets_up_each_kind_of_guidance():
+    import minildm
+    from minildm import presets
+    from minildm.config import override
+
+    unconditional = override(presets.get("toy-shapes"), ["unet.channels=16"])
+    conditional = override(unconditional, ["unet.num_classes=5", "unet.null_class=true"])
+    net = minildm.build_model(unconditional)
+    classifier = minildm.build_model(override(presets.get("shapes-classifier"), ["classifier.image_size=16",
+                                                                             "data.image_size=16"]))
+    same, cond_fn, classes = guidance.guided_model(net, unconditional)
+    assert same is net and cond_fn is None and classes == 0
+    # an unconditional model guided by a classifier: labels go to the classifier only
+    wrapped, cond_fn, classes = guidance.guided_model(net, unconditional, classifier=classifier, classifier_scale=2)
+    assert cond_fn is not None and classes == classifier.config.out_channels
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 9])
+    torch.testing.assert_close(wrapped(x, t, y=torch.tensor([0, 1])), net(x, t))
+    # a conditional model keeps its labels (ADM-G); classifier-free guidance wraps it
+    cond_net = minildm.build_model(conditional)
+    same, cond_fn, classes = guidance.guided_model(cond_net, conditional, classifier=classifier, classifier_scale=1)
+    assert same is cond_net and cond_fn is not None and classes == 5
+    free, cond_fn, classes = guidance.guided_model(cond_net, conditional, guidance_scale=3)
+    assert free is not cond_net and cond_fn is None and classes == 5
+    with pytest.raises(ValueError, match="needs a class-conditional model trained with a null class"):
+        guidance.guided_model(net, unconditional, guidance_scale=3)
+    with pytest.raises(ValueError, match="needs a classifier"):
+        guidance.guided_model(net, unconditional, classifier_scale=2)

@@ -48,3 +48,16 @@ def test_implicit_classifier_rows():
     rows = guidance.implicit_classifier(num=6, timesteps=(300, 900))
     assert [row["t"] for row in rows] == [300, 900]
     assert all(-1 <= row["cosine"] <= 1 and row["norm_ratio"] > 0 for row in rows)
+
+
+def test_classifier_guidance_of_the_conditional_model_asks_both_for_the_kind():
+    # ADM-G: the class-conditional model gets the requested kind as y, and the classifier guides towards it.
+    report = guidance.sweep("classifier-cond", [0.0, 3.0], num=4, steps=2, batch_size=4, verbose=False)
+    assert report["model"] == "ddpm-shapes-cond" and report["classifier"] == "shapes-classifier"
+    assert report["scale_convention"] == "classifier scale s: 0 = none"
+    plain, labels = guidance.sample("classifier-cond", 0.0, 4, steps=2, batch_size=4)
+    unconditional, _ = guidance.sample("classifier", 0.0, 4, steps=2, batch_size=4)
+    guided, _ = guidance.sample("classifier-cond", 3.0, 4, steps=2, batch_size=4)
+    assert labels.tolist() == [0, 1, 2, 3]
+    assert not torch.allclose(plain, unconditional)  # another network: the conditional one
+    assert not torch.allclose(plain, guided)  # same x_T and labels, the classifier moved the samples
