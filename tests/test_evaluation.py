@@ -172,16 +172,21 @@ def test_write_npz_rejects_what_adm_cannot_read(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_two_gloo_processes_write_the_same_npz_as_one(checkpoint, tmp_path):
+def sample_in_two_processes(common: list[str], out, num: int) -> None:
+    """`torchrun --nproc_per_node 2 -m minildm sample *common --batch-size 2 --out out` (gloo, on the CPU)."""
     env = {**os.environ, "MINILDM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "minildm", "sample", *common, "--batch-size", "2", "--out", str(out)]
+    run = subprocess.run(command, env=env, cwd=out.parent, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count(f"wrote {num} samples") == 1  # rank 0 alone writes and reports
+
+
+def test_two_gloo_processes_write_the_same_npz_as_one(checkpoint, tmp_path):
     # --num-samples: torchrun's own parser would take --num for its --numa-binding
     common = [str(checkpoint), "--num-samples", "7", "--steps", str(STEPS), "--sampler", "ddpm", "--seed", "2",
               "--device", "cpu"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "minildm", "sample", *common, "--batch-size", "2", "--out", str(tmp_path / "two.npz")]
-    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("wrote 7 samples") == 1  # rank 0 alone writes and reports
+    sample_in_two_processes(common, tmp_path / "two.npz", 7)
     assert main(["sample", *common, "--batch-size", "5", "--out", str(tmp_path / "one.npz")]) == 0
     with np.load(tmp_path / "two.npz") as two, np.load(tmp_path / "one.npz") as one:
         assert two.files == ["arr_0"] and two["arr_0"].shape == (7, 16, 16, 3)  # unconditional: no labels
@@ -230,14 +235,9 @@ def test_a_latent_model_samples_the_same_images_and_labels_for_any_batch_size(sh
 
 
 def test_two_gloo_processes_write_the_same_latent_npz_as_one(tmp_path):
-    env = {**os.environ, "MINILDM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     common = [str(SHIPPED / "ldm-shapes-class.safetensors"), "--num-samples", "5", "--steps", str(STEPS),
               "--sampler", "ddpm", "--guidance-scale", "2", "--seed", "2", "--device", "cpu"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "minildm", "sample", *common, "--batch-size", "2", "--out", str(tmp_path / "two.npz")]
-    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("wrote 5 samples") == 1  # rank 0 alone writes and reports
+    sample_in_two_processes(common, tmp_path / "two.npz", 5)
     assert main(["sample", *common, "--batch-size", "5", "--out", str(tmp_path / "one.npz")]) == 0
     with np.load(tmp_path / "two.npz") as two, np.load(tmp_path / "one.npz") as one:
         assert two.files == ["arr_0", "arr_1"] and two["arr_0"].shape == (5, 32, 32, 3)
