@@ -32,8 +32,9 @@ Left out (why a real peak is higher): the allocator's caching and fragmentation 
 allocator, glibc malloc on the CPU), cuDNN / oneDNN workspaces and other buffers inside an op that no tensor
 holds, the CUDA context (its size depends on the driver and GPU; not measured here), NCCL buffers and DDP's
 gradient buckets (another 4 P bytes under DistributedDataParallel), the data batch in flight, and — for latent
-diffusion — the frozen first stage and the conditioner, which this estimate does not build. Activations are those of the CPU kernels (flash
-attention on CPU saves the same q, k, v, output and log-sum-exp as on CUDA; other kernels may differ slightly).
+diffusion — the frozen first stage and the conditioner, which this estimate does not build. Activations are those
+of the CPU kernels (flash attention on CPU saves the same q, k, v, output and log-sum-exp as on CUDA; other kernels
+may differ slightly).
 `measure_peak` measures the real peak on the CPU; tests/test_memory.py checks `peak` against it (within 15% for
 toy-shapes and ddpm-shapes at batches 4 to 64; 2-core CPU: within -3% .. +12%).
 """
