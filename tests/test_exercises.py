@@ -205,6 +205,15 @@ def verdict(capsys) -> str:
     return out
 
 
+def assert_hints(cases: dict, expected: dict, capsys) -> None:
+    """Each mistake of `expected` run through the check of the case that lists it: its verdict names the phrase."""
+    for mistake, phrase in expected.items():
+        check = next(check for check, _, mistakes in cases.values() if mistake in mistakes)
+        check(mistake)
+        out = verdict(capsys)
+        assert phrase in out, (mistake.__name__, out)
+
+
 def test_a_crash_in_the_answer_is_reported_not_raised(capsys):
     def q_jump(x_s, s, t, noise, alpha_bar):
         return alpha_bar[t + 1000] * x_s  # past the end of the schedule
@@ -512,12 +521,7 @@ def test_chapter_06_hints_name_the_mistake(capsys):
         plms_fourth_order_sign_error: "signs of the fourth-order weights",
         plms_always_second_order: "use all of them",
     }
-    checks = {name: check for name, (check, _, _) in CASES_06.items()}
-    for mistake, phrase in expected.items():
-        name = next(name for name, (_, _, mistakes) in CASES_06.items() if mistake in mistakes)
-        checks[name](mistake)
-        out = verdict(capsys)
-        assert phrase in out, (mistake.__name__, out)
+    assert_hints(CASES_06, expected, capsys)
 
 
 def test_chapter_06_layout_check_takes_tensors_and_reports_a_wrong_return(capsys):
@@ -623,11 +627,7 @@ def test_chapter_07_hints_name_the_mistake(capsys):
         bfloat16_is_float16: "that is float16",
         bfloat16_returned_as_bfloat16: "as float32",
     }
-    for mistake, phrase in expected.items():
-        name = next(name for name, (_, _, mistakes) in CASES_07.items() if mistake in mistakes)
-        CASES_07[name][0](mistake)
-        out = verdict(capsys)
-        assert phrase in out, (mistake.__name__, out)
+    assert_hints(CASES_07, expected, capsys)
 
 
 # ---------------------------------------------------------------------------------------------
