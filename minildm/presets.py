@@ -102,7 +102,7 @@ register(Preset(
 # The shipped CPU checkpoints. Recipe from the levers experiment (data/results/levers_*.json): batch 16,
 # lr 1e-3, EMA 0.999 with warm-up, Min-SNR-5 loss weighting, one thread per run (two runs side by side
 # use both cores), the learning rate constant to step 6,000 and then a cosine to 0 (the late-training lever).
-# 9,600 steps is what two side-by-side runs reach in under an hour on an idle 2-core CPU (3.1 steps/s each).
+# 9,600 steps is what two side-by-side runs reach in under an hour on an idle 2-core CPU (3 steps/s each).
 _SHAPES_UNET = UNetConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                           attention_resolutions=(8,), dropout=0.0, num_head_channels=32, norm_groups=8)
 _SHAPES_DIFFUSION = DiffusionConfig(num_timesteps=1000, beta_schedule="linear", model_var_type="fixed_large",
