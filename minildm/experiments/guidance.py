@@ -77,8 +77,9 @@ def sweep(method: str, scales, *, num=500, sampler="ddim", steps=50, seed=0, bat
     """One row per scale: the `evaluate_shapes` figures of `METRICS` (and their real-data floors), seconds."""
     if method not in MODELS:
         raise ValueError(f"unknown method {method!r}; use {' or '.join(MODELS)}")
+    guided_by_classifier = method != "free"
     models = {"model": load_shipped(MODELS[method])}
-    if method != "free":
+    if guided_by_classifier:
         models["classifier"] = load_shipped(CLASSIFIER)
     rows = []
     for scale in scales:
@@ -93,9 +94,9 @@ def sweep(method: str, scales, *, num=500, sampler="ddim", steps=50, seed=0, bat
         rows.append(row)
         if verbose:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    return {"method": method, "model": MODELS[method], "classifier": CLASSIFIER if method != "free" else None,
+    return {"method": method, "model": MODELS[method], "classifier": CLASSIFIER if guided_by_classifier else None,
             "sampler": sampler, "steps": steps, "num": num, "seed": seed, "claim": CLAIMS[method],
-            "scale_convention": "classifier scale s: 0 = none" if method != "free"
+            "scale_convention": "classifier scale s: 0 = none" if guided_by_classifier
             else "classifier-free w: 1 = none, 0 = unconditional",
             "metric": report["metric"], "rows": rows,
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"}
