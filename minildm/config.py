@@ -198,6 +198,7 @@ class DataConfig:
     toy: str = "moons"  # 2-D toy distribution, used when dataset == "toy2d"
     num_samples: int = 10_000  # size of the procedural datasets (shapes, toy2d)
     max_objects: int = 1  # shapes: 1..max_objects objects per image (more than one: small ones, in distinct cells)
+    label: str = "kind"  # shapes: the class label, "kind" (5 classes), "color" (7) or "kind_color" (35)
     path: str = ""  # folder of images for imagefolder; for lsun / imagenet / celebahq it replaces the default folder
     category: str = ""  # LSUN category (church_outdoor, bedroom, cat, horse, ...), used when dataset == "lsun"
 
@@ -438,6 +439,7 @@ def validate(config: Config, *, own_data: bool = False) -> Config:
     need(isinstance(a.max_objects, int) and 1 <= a.max_objects <= 9, "data.max_objects", a.max_objects,
          "must be an integer in [1, 9] (objects take distinct cells of a 3x3 grid)")
     choice("data.toy", a.toy, data.TOY_2D)
+    choice("data.label", a.label, data.SHAPES_LABELS)
 
     l = config.latent
     choice("latent.conditioner", l.conditioner, CONDITIONERS)

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
+SHAPES_LABELS = ("kind", "color", "kind_color")  # ShapesDataset's class labels: 5, 7 or 35 classes
 SIZES = ("small", "large")
 RGB = torch.tensor([
     [0.90, 0.10, 0.10], [0.10, 0.75, 0.20], [0.15, 0.30, 0.95], [0.95, 0.85, 0.10],
@@ -92,7 +93,7 @@ class ShapesDataset(Dataset):
 
     def __init__(self, num_samples: int = 10_000, image_size: int = 32, seed: int = 0, *,
                  max_objects: int = 1, label: str = "kind", chunk_size: int = 4096):
-        if label not in ("kind", "color", "kind_color"):
+        if label not in SHAPES_LABELS:
             raise ValueError(f"label={label!r} is not supported; use 'kind', 'color' or 'kind_color'")
         if not 1 <= max_objects <= 9:
             raise ValueError(f"max_objects={max_objects} must be between 1 and 9 (objects use cells of a 3x3 grid)")
@@ -567,7 +568,7 @@ def build_dataset(config, train: bool = True) -> Dataset:
     name, root = config.dataset, config.root
     if name == "shapes":
         return ShapesDataset(config.num_samples, config.image_size, seed=0 if train else 1,
-                             max_objects=config.max_objects)
+                             max_objects=config.max_objects, label=config.label)
     if name == "toy2d":
         return Toy2DDataset(config.toy, config.num_samples, seed=0 if train else 1)
     if name == "cifar10":

@@ -402,11 +402,14 @@ def _real_outputs(num: int, image_size: int, seed: int, evaluator_path) -> dict:
     return classify(images, load_evaluator(evaluator_path))
 
 
-def evaluate_shapes(images: torch.Tensor, *, labels=None, threshold: float = 0.9, num_reference: int = 2000,
-                    evaluator_path=None) -> dict:
+def evaluate_shapes(images: torch.Tensor, *, labels=None, label: str = "kind", threshold: float = 0.9,
+                    num_reference: int = 2000, evaluator_path=None) -> dict:
     """Score generated shapes [N, 3, H, W] in [-1, 1] against real held-out shapes rendered at the same size.
 
-    labels: the kinds [N] a class-conditional model was asked for (adds `requested_kind_accuracy`).
+    labels: the classes [N] a class-conditional (or classifier-guided) model was asked for; `label` says which
+        classes they are, as `data.ShapesDataset`'s label: "kind" (5), "color" (7) or "kind_color" (35, class =
+        kind * 7 + colour). Adds `requested_kind_accuracy` (kind or kind_color), `requested_color_accuracy`
+        (color or kind_color) and `requested_class_accuracy` (the whole label right: kind and colour for kind_color).
 
     Returns a dict:
       confident_fraction       fraction whose most likely kind has probability >= threshold
@@ -427,6 +430,8 @@ def evaluate_shapes(images: torch.Tensor, *, labels=None, threshold: float = 0.9
     """
     check_images(images)
     n, size = images.shape[0], images.shape[-1]
+    if label not in data.SHAPES_LABELS:
+        raise ValueError(f"label={label!r} is not a shapes label; use one of {', '.join(data.SHAPES_LABELS)}")
     if n < 2:
         raise ValueError("evaluate_shapes needs at least 2 images (the Fréchet distance fits a covariance)")
     path = str(evaluator_path or EVALUATOR_PATH)
@@ -454,8 +459,14 @@ def evaluate_shapes(images: torch.Tensor, *, labels=None, threshold: float = 0.9
     if labels is not None:
         labels = torch.as_tensor(labels).cpu()
         if labels.shape != (n,):
-            raise ValueError(f"labels must be the {n} requested kinds, shape [{n}]; got {tuple(labels.shape)}")
-        report["requested_kind_accuracy"] = (outputs["kind"] == labels).double().mean().item()
+            raise ValueError(f"labels must be the {n} requested classes, shape [{n}]; got {tuple(labels.shape)}")
+        colors = len(data.COLORS)
+        requested = {"kind": {"kind": labels}, "color": {"color": labels},
+                     "kind_color": {"kind": labels // colors, "color": labels % colors}}[label]
+        right = {key: outputs[key] == value for key, value in requested.items()}
+        for key, hits in right.items():
+            report[f"requested_{key}_accuracy"] = hits.double().mean().item()
+        report["requested_class_accuracy"] = torch.stack(list(right.values())).all(0).double().mean().item()
     return report
 
 

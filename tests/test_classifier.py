@@ -348,3 +348,14 @@ def test_config_section_validates_and_overrides():
 
 def test_converter_is_the_unets():
     assert classifier.convert_official_state_dict is unet.convert_official_state_dict
+
+
+def test_kind_color_classifier_is_the_shapes_classifier_with_35_outputs():
+    cfg, kind = presets.get("shapes-classifier-kind-color"), presets.get("shapes-classifier")
+    assert cfg.data.label == "kind_color" and cfg.diffusion == kind.diffusion and cfg.train.max_steps == 6000
+    assert replace(cfg.classifier, out_channels=5) == kind.classifier
+    dataset = data.build_dataset(cfg.data)
+    assert cfg.classifier.out_channels == dataset.num_classes == 35 and dataset.label == "kind_color"
+    assert count_parameters(minildm.build_model(cfg, device="meta")) == hand_count(cfg.classifier) == 564_707
+    with pytest.raises(ValueError, match="data.label"):
+        config.validate(config.override(cfg, ["data.label=shape"]))

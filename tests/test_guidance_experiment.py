@@ -36,9 +36,10 @@ def test_classifier_free_sweep_seeds_and_plot():
     figure = guidance.plot_sweeps({"free": [report, other], "classifier": {**report, "method": "classifier"}})
     assert [axis.get_xlabel() for axis in figure.axes] == ["classifier scale s  /  classifier-free w - 1"] * 3
     # classifier-free w is drawn at w - 1: the same strength as classifier scale s (minildm.guidance)
-    free_line, classifier_line = (container.lines[0] for container in figure.axes[0].containers)
-    assert list(free_line.get_xdata()) == [0.0, 1.0] and list(classifier_line.get_xdata()) == [1.0, 2.0]
+    free, classifier = figure.axes[0].containers
+    assert list(free.lines[0].get_xdata()) == [0.0, 1.0] and list(classifier.lines[0].get_xdata()) == [1.0, 2.0]
     assert figure.axes[0].get_legend_handles_labels()[1] == ["free (2 seeds)", "classifier"]
+    assert free.has_yerr and not classifier.has_yerr  # bars for two seeds; one seed has none (not bars of length 0)
     plt.close(figure)
     with pytest.raises(ValueError, match="unknown method 'clip'"):
         guidance.sweep("clip", [1.0], num=2)
@@ -61,3 +62,12 @@ def test_classifier_guidance_of_the_conditional_model_asks_both_for_the_kind():
     assert labels.tolist() == [0, 1, 2, 3]
     assert not torch.allclose(plain, unconditional)  # another network: the conditional one
     assert not torch.allclose(plain, guided)  # same x_T and labels, the classifier moved the samples
+
+
+def test_kind_color_sweep_asks_for_35_classes_and_scores_kind_and_colour():
+    report = guidance.sweep("classifier-kind-color", [0.0, 3.0], num=4, steps=2, batch_size=4, verbose=False)
+    assert report["classifier"] == "shapes-classifier-kind-color" and report["label"] == "kind_color"
+    row = report["rows"][0]
+    assert 0 <= row["requested_class_accuracy"] <= row["requested_kind_accuracy"] <= 1
+    _, labels = guidance.sample("classifier-kind-color", 0.0, 40, steps=1, batch_size=40)
+    assert labels.tolist() == [i % 35 for i in range(40)]  # class = kind * 7 + colour, every class in turn

@@ -192,8 +192,26 @@ def test_evaluate_shapes_requested_kind_accuracy():
     assert metrics.evaluate_shapes(images, labels=kinds, num_reference=200)["requested_kind_accuracy"] == 1.0
     wrong = metrics.evaluate_shapes(images, labels=(kinds + 1) % 5, num_reference=200)
     assert wrong["requested_kind_accuracy"] < 0.05
-    with pytest.raises(ValueError, match="requested kinds"):
+    with pytest.raises(ValueError, match="requested classes"):
         metrics.evaluate_shapes(images, labels=kinds[:10], num_reference=200)
+
+
+def test_evaluate_shapes_requested_kind_and_colour():
+    """kind_color labels (class = kind * 7 + colour) are scored on both parts; a wrong colour alone is a miss."""
+    dataset = data.ShapesDataset(64, 32, seed=7, label="kind_color")
+    images, classes = dataset.tensors()
+    right = metrics.evaluate_shapes(images, labels=classes, label="kind_color", num_reference=200)
+    assert right["requested_kind_accuracy"] == right["requested_color_accuracy"] == 1.0
+    assert right["requested_class_accuracy"] == 1.0
+    kind, color = classes // 7, classes % 7
+    wrong_color = metrics.evaluate_shapes(images, labels=kind * 7 + (color + 1) % 7, label="kind_color",
+                                          num_reference=200)
+    assert wrong_color["requested_kind_accuracy"] == 1.0
+    assert wrong_color["requested_color_accuracy"] < 0.05 and wrong_color["requested_class_accuracy"] < 0.05
+    colors_only = metrics.evaluate_shapes(images, labels=color, label="color", num_reference=200)
+    assert colors_only["requested_color_accuracy"] == 1.0 and "requested_kind_accuracy" not in colors_only
+    with pytest.raises(ValueError, match="not a shapes label"):
+        metrics.evaluate_shapes(images, labels=classes, label="kind-color", num_reference=200)
 
 
 def test_evaluate_shapes_noise_and_blank_images_score_badly():

@@ -11,6 +11,8 @@ distances on shapes-evaluator features (not FID / KID: not Inception features).
 - ``free``: ddpm-shapes-cond with classifier-free guidance w (1 = no guidance, 0 = unconditional).
 - ``classifier-cond``: ADM-G proper, the class-conditional ddpm-shapes-cond (asked for the same kind) guided by
   shapes-classifier with scale s (ADM's Tab. 4 guides its conditional models so).
+- ``classifier-kind-color``: ddpm-shapes guided by shapes-classifier-kind-color towards one of the 35 classes
+  kind x colour (sample i asks for class i mod 35), scored on kind and colour (`requested_class_accuracy`).
 
     python -m minildm.experiments.guidance classifier --sampler ddim --scales 0,1,2,4,8 --num 500 \\
         --out data/results/guidance_classifier_ddim.json
@@ -35,10 +37,13 @@ import minildm
 from minildm import checkpoints, metrics
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "data" / "checkpoints"
-MODELS = {"classifier": "ddpm-shapes", "free": "ddpm-shapes-cond", "classifier-cond": "ddpm-shapes-cond"}
-CLASSIFIER = "shapes-classifier"
-METRICS = ("requested_kind_accuracy", "precision", "recall", "frechet_distance_to_real", "kernel_distance_to_real",
-           "confident_fraction")
+MODELS = {"classifier": "ddpm-shapes", "free": "ddpm-shapes-cond", "classifier-cond": "ddpm-shapes-cond",
+          "classifier-kind-color": "ddpm-shapes"}
+CLASSIFIERS = {"classifier": "shapes-classifier", "classifier-cond": "shapes-classifier",
+               "classifier-kind-color": "shapes-classifier-kind-color"}
+LABELS = {"classifier-kind-color": "kind_color"}  # the classes a sweep asks for (`evaluate_shapes`'s label): else kind
+METRICS = ("requested_kind_accuracy", "requested_class_accuracy", "precision", "recall", "frechet_distance_to_real",
+           "kernel_distance_to_real", "confident_fraction")
 CLAIMS = {
     "classifier": "ADM Sec. 4.3, Fig. 4 / Tab. 4: raising the classifier scale trades diversity (recall) for "
                   "fidelity (precision, and how often the sample is the requested class).",
@@ -46,6 +51,8 @@ CLAIMS = {
             "classifier: precision and class fidelity rise and recall falls as w grows above 1.",
     "classifier-cond": "ADM Tab. 4: classifier guidance of the class-conditional model also trades recall for "
                        "precision as the scale grows (its best FIDs come from guiding the conditional model).",
+    "classifier-kind-color": "ADM Sec. 4.3, Fig. 4 / Tab. 4, with fine-grained classes as ImageNet's: raising the "
+                             "classifier scale trades diversity (recall) for fidelity (precision, requested class).",
 }
 
 
@@ -61,13 +68,14 @@ def sample(method: str, scale: float, num: int, *, sampler="ddim", steps=50, see
            models=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [num, 3, 32, 32], requested kinds [num]) for one row of a sweep.
 
-    Sample i asks for kind i mod 5; batch b is drawn with seed `seed + b`, so every scale starts from the
-    same noise. models: {"model": (net, config), "classifier": (net, config)} to reuse loaded networks.
+    Sample i asks for class i mod the number of classes (the 5 kinds; 35 kind x colour classes for
+    classifier-kind-color); batch b is drawn with seed `seed + b`, so every scale starts from the same noise.
+    models: {"model": (net, config), "classifier": (net, config)} to reuse loaded networks.
     """
     models = models or {}
     model, config = models.get("model") or load_shipped(MODELS[method])
     guided = {"guidance_scale": scale} if method == "free" else \
-        {"classifier": (models.get("classifier") or load_shipped(CLASSIFIER))[0], "classifier_scale": scale}
+        {"classifier": (models.get("classifier") or load_shipped(CLASSIFIERS[method]))[0], "classifier_scale": scale}
     # classifier-cond: the conditional model is asked for the same kind y the classifier guides towards
     return metrics.sample_for_scoring(model, config, num, batch_size=batch_size, sampler=sampler, steps=steps,
                                       seed=seed, **guided)
@@ -77,26 +85,26 @@ def sweep(method: str, scales, *, num=500, sampler="ddim", steps=50, seed=0, bat
     """One row per scale: the `evaluate_shapes` figures of `METRICS` (and their real-data floors), seconds."""
     if method not in MODELS:
         raise ValueError(f"unknown method {method!r}; use {' or '.join(MODELS)}")
-    guided_by_classifier = method != "free"
+    classifier = CLASSIFIERS.get(method)
     models = {"model": load_shipped(MODELS[method])}
-    if guided_by_classifier:
-        models["classifier"] = load_shipped(CLASSIFIER)
+    if classifier:
+        models["classifier"] = load_shipped(classifier)
     rows = []
     for scale in scales:
         start = time.perf_counter()
         images, labels = sample(method, scale, num, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                                 models=models)
         seconds = time.perf_counter() - start
-        report = metrics.evaluate_shapes(images, labels=labels)
-        row = {"scale": scale, "seconds": round(seconds, 1), **{key: report[key] for key in METRICS},
+        report = metrics.evaluate_shapes(images, labels=labels, label=LABELS.get(method, "kind"))
+        row = {"scale": scale, "seconds": round(seconds, 1), **{key: report[key] for key in METRICS if key in report},
                "precision_floor": report["precision_floor"], "recall_floor": report["recall_floor"],
                "frechet_distance_floor": report["frechet_distance_floor"]}
         rows.append(row)
         if verbose:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    return {"method": method, "model": MODELS[method], "classifier": CLASSIFIER if guided_by_classifier else None,
-            "sampler": sampler, "steps": steps, "num": num, "seed": seed, "claim": CLAIMS[method],
-            "scale_convention": "classifier scale s: 0 = none" if guided_by_classifier
+    return {"method": method, "model": MODELS[method], "classifier": classifier,
+            "label": LABELS.get(method, "kind"), "sampler": sampler, "steps": steps, "num": num, "seed": seed,
+            "claim": CLAIMS[method], "scale_convention": "classifier scale s: 0 = none" if classifier
             else "classifier-free w: 1 = none, 0 = unconditional",
             "metric": report["metric"], "rows": rows,
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"}
@@ -115,7 +123,7 @@ def implicit_classifier(num: int = 200, timesteps=(50, 150, 300, 500, 700, 900),
     from minildm import data, guidance
 
     model, config = load_shipped(MODELS["free"])
-    classifier, _ = load_shipped(CLASSIFIER)
+    classifier, _ = load_shipped(CLASSIFIERS["classifier"])
     diffusion = minildm.build_diffusion(config)
     images, kinds = data.ShapesDataset(num, config.unet.image_size, seed=1).tensors()
     generator = torch.Generator().manual_seed(seed)
@@ -137,7 +145,8 @@ def implicit_classifier(num: int = 200, timesteps=(50, 150, 300, 500, 700, 900),
 
 def combine_seeds(reports) -> dict:
     """One report from sweeps of the same scales with different seeds: each metric's mean, and its standard
-    deviation over the seeds as `<metric>_sd` (0 for a single seed); `num_seeds` says how many."""
+    deviation over the seeds as `<metric>_sd` (0 for a single seed); `num_seeds` says how many. Metrics that
+    an older report lacks (requested_class_accuracy) are left out."""
     reports = reports if isinstance(reports, (list, tuple)) else [reports]
     scales = [row["scale"] for row in reports[0]["rows"]]
     if any([row["scale"] for row in report["rows"]] != scales for report in reports):
@@ -145,7 +154,7 @@ def combine_seeds(reports) -> dict:
     rows = []
     for i, scale in enumerate(scales):
         row = {"scale": scale}
-        for key in METRICS:
+        for key in (key for key in METRICS if key in reports[0]["rows"][i]):
             values = torch.tensor([report["rows"][i][key] for report in reports], dtype=torch.float64)
             row[key] = values.mean().item()
             row[f"{key}_sd"] = values.std().item() if len(values) > 1 else 0.0
@@ -154,11 +163,12 @@ def combine_seeds(reports) -> dict:
 
 
 def plot_sweeps(reports: dict, axes=None):
-    """Requested-kind accuracy, precision and recall against the scale, one line per sweep; returns the figure.
+    """Requested-class accuracy, precision and recall against the scale, one line per sweep; returns the figure.
 
     reports: {label: sweep report, or a list of the same sweep with different seeds (drawn as the mean with
-    error bars of ± one standard deviation over the seeds)}. Classifier scales s and classifier-free w - 1
-    share the x axis (the same strength on the model's own classifier, `minildm.guidance`).
+    error bars of ± one standard deviation over the seeds; one seed: no bars)}. The requested class is the kind,
+    or kind and colour for classifier-kind-color. Classifier scales s and classifier-free w - 1 share the x axis
+    (the same strength on the model's own classifier, `minildm.guidance`).
     """
     import matplotlib.pyplot as plt
 
@@ -171,10 +181,13 @@ def plot_sweeps(reports: dict, axes=None):
         x = [row["scale"] - shift for row in report["rows"]]
         if report["num_seeds"] > 1:
             label = f"{label} ({report['num_seeds']} seeds)"
-        for axis, key in zip(axes, ("requested_kind_accuracy", "precision", "recall")):
-            axis.errorbar(x, [row[key] for row in report["rows"]], yerr=[row[f"{key}_sd"] for row in report["rows"]],
-                          fmt="o-", capsize=3, markersize=4, label=label)
-    titles = ("requested kind (fidelity to y)", "precision (fidelity)", "recall (diversity)")
+        requested = "requested_class_accuracy" if "requested_class_accuracy" in report["rows"][0] \
+            else "requested_kind_accuracy"  # the same number for the kind sweeps written before the class metric
+        for axis, key in zip(axes, (requested, "precision", "recall")):
+            spread = [row[f"{key}_sd"] for row in report["rows"]] if report["num_seeds"] > 1 else None
+            axis.errorbar(x, [row[key] for row in report["rows"]], yerr=spread, fmt="o-", capsize=3, markersize=4,
+                          label=label)
+    titles = ("requested class (fidelity to y)", "precision (fidelity)", "recall (diversity)")
     for axis, title in zip(axes, titles):
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("classifier scale s  /  classifier-free w - 1")
