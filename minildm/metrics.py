@@ -730,7 +730,7 @@ def main(argv=None) -> int:
     start = time.process_time()
     samples, labels = sample_for_scoring(model, loaded.config, args.num, batch_size=args.batch_size,
                                          sampler=args.sampler, steps=args.steps, seed=args.seed)
-    report = evaluate_shapes(samples, labels=labels)
+    report = evaluate_shapes(samples, labels=labels, label=loaded.config.data.label)  # kind, or kind_color
     report.update(checkpoint=str(args.checkpoint), step=loaded.step, sampler=args.sampler, steps=args.steps,
                   seed=args.seed, sample_cpu_s=round(time.process_time() - start, 1))
     if args.grid:

@@ -1,8 +1,10 @@
 """The preset table: names, fresh copies, the diffusion settings of the papers."""
 
+from dataclasses import replace
+
 import pytest
 
-from minildm import presets
+from minildm import data, presets
 
 
 def test_names_and_unknown_preset():
@@ -66,3 +68,12 @@ def test_classifier_presets_build_the_classifier_section():
         assert config.classifier.image_size == config.data.image_size
     assert presets.get("adm-classifier64").classifier.num_res_blocks == 4  # README: --classifier_depth 4 at 64x64
     assert presets.get("shapes-classifier").classifier.out_channels == 5  # data.ShapesDataset's kinds
+
+
+def test_kind_color_conditional_preset_matches_its_data():
+    config, twin = presets.get("ddpm-shapes-cond-kind-color"), presets.get("ddpm-shapes-cond")
+    dataset = data.build_dataset(config.data)
+    assert config.unet.num_classes == dataset.num_classes == 35 and config.data.label == "kind_color"
+    assert config.unet.null_class and config.train.cond_dropout == 0.1
+    assert (config.train.max_steps, config.train.lr_decay_steps) == (4800, 1800)
+    assert replace(config.unet, num_classes=5) == twin.unet and config.diffusion == twin.diffusion

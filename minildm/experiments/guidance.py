@@ -13,11 +13,14 @@ distances on shapes-evaluator features (not FID / KID: not Inception features).
   shapes-classifier with scale s (ADM's Tab. 4 guides its conditional models so).
 - ``classifier-kind-color``: ddpm-shapes guided by shapes-classifier-kind-color towards one of the 35 classes
   kind x colour (sample i asks for class i mod 35), scored on kind and colour (`requested_class_accuracy`).
+- ``free-kind-color``: ddpm-shapes-cond-kind-color (conditioned on the 35 classes) with classifier-free guidance w.
 
     python -m minildm.experiments.guidance classifier --sampler ddim --scales 0,1,2,4,8 --num 500 \\
         --out data/results/guidance_classifier_ddim.json
     python -m minildm.experiments.guidance free --scales 0,1,1.5,2,3,5 --num 500 \\
         --out data/results/guidance_free_ddim.json
+    python -m minildm.experiments.guidance classifier-kind-color --scales 0,1,2,4,8,16,32 --num 525 \\
+        --batch-size 105 --steps 25 --out data/results/guidance_classifier_kind_color_ddim25.json
 
 The chapter draws the results with `plot_sweeps(reports)`.
 """
@@ -38,10 +41,10 @@ from minildm import checkpoints, metrics
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "data" / "checkpoints"
 MODELS = {"classifier": "ddpm-shapes", "free": "ddpm-shapes-cond", "classifier-cond": "ddpm-shapes-cond",
-          "classifier-kind-color": "ddpm-shapes"}
+          "classifier-kind-color": "ddpm-shapes", "free-kind-color": "ddpm-shapes-cond-kind-color"}
 CLASSIFIERS = {"classifier": "shapes-classifier", "classifier-cond": "shapes-classifier",
                "classifier-kind-color": "shapes-classifier-kind-color"}
-LABELS = {"classifier-kind-color": "kind_color"}  # the classes a sweep asks for (`evaluate_shapes`'s label): else kind
+LABELS = {"classifier-kind-color": "kind_color", "free-kind-color": "kind_color"}  # the classes a sweep asks for (`evaluate_shapes`'s label): else kind
 METRICS = ("requested_kind_accuracy", "requested_class_accuracy", "precision", "recall", "frechet_distance_to_real",
            "kernel_distance_to_real", "confident_fraction")
 CLAIMS = {
@@ -51,6 +54,8 @@ CLAIMS = {
             "classifier: precision and class fidelity rise and recall falls as w grows above 1.",
     "classifier-cond": "ADM Tab. 4: classifier guidance of the class-conditional model also trades recall for "
                        "precision as the scale grows (its best FIDs come from guiding the conditional model).",
+    "free-kind-color": "Ho & Salimans 2021 (Fig. 2, Tab. 1), with a condition that fixes kind and colour: "
+                       "precision and class fidelity rise and recall falls as w grows above 1.",
     "classifier-kind-color": "ADM Sec. 4.3, Fig. 4 / Tab. 4, with fine-grained classes as ImageNet's: raising the "
                              "classifier scale trades diversity (recall) for fidelity (precision, requested class).",
 }
@@ -74,7 +79,7 @@ def sample(method: str, scale: float, num: int, *, sampler="ddim", steps=50, see
     """
     models = models or {}
     model, config = models.get("model") or load_shipped(MODELS[method])
-    guided = {"guidance_scale": scale} if method == "free" else \
+    guided = {"guidance_scale": scale} if method not in CLASSIFIERS else \
         {"classifier": (models.get("classifier") or load_shipped(CLASSIFIERS[method]))[0], "classifier_scale": scale}
     # classifier-cond: the conditional model is asked for the same kind y the classifier guides towards
     return metrics.sample_for_scoring(model, config, num, batch_size=batch_size, sampler=sampler, steps=steps,
@@ -145,17 +150,28 @@ def implicit_classifier(num: int = 200, timesteps=(50, 150, 300, 500, 700, 900),
 
 def combine_seeds(reports) -> dict:
     """One report from sweeps of the same scales with different seeds: each metric's mean, and its standard
-    deviation over the seeds as `<metric>_sd` (0 for a single seed); `num_seeds` says how many. Metrics that
-    an older report lacks (requested_class_accuracy) are left out."""
+    deviation over the seeds as `<metric>_sd` (0 for a single seed); `num_seeds` says how many. A sweep of
+    kinds written before `requested_class_accuracy` existed gets it from `requested_kind_accuracy`: the same
+    number when the requested class is the kind."""
     reports = reports if isinstance(reports, (list, tuple)) else [reports]
     scales = [row["scale"] for row in reports[0]["rows"]]
     if any([row["scale"] for row in report["rows"]] != scales for report in reports):
         raise ValueError("the sweeps to combine must have the same scales")
+
+    def value(report, i, key):
+        row = report["rows"][i]
+        if key == "requested_class_accuracy" and key not in row and report.get("label", "kind") == "kind":
+            return row.get("requested_kind_accuracy")
+        return row.get(key)
+
     rows = []
     for i, scale in enumerate(scales):
         row = {"scale": scale}
-        for key in (key for key in METRICS if key in reports[0]["rows"][i]):
-            values = torch.tensor([report["rows"][i][key] for report in reports], dtype=torch.float64)
+        for key in METRICS:
+            values = [value(report, i, key) for report in reports]
+            if None in values:  # a metric some sweep did not record (requested accuracies of the unconditional)
+                continue
+            values = torch.tensor(values, dtype=torch.float64)
             row[key] = values.mean().item()
             row[f"{key}_sd"] = values.std().item() if len(values) > 1 else 0.0
         rows.append(row)
@@ -174,21 +190,23 @@ def plot_sweeps(reports: dict, axes=None):
 
     if axes is None:
         figure, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    figure = axes[0].figure
+    figure, ticks = axes[0].figure, set()
     for label, report in reports.items():
         report = combine_seeds(report)
-        shift = 1 if report["method"] == "free" else 0
+        shift = 1 if report["method"].startswith("free") else 0
         x = [row["scale"] - shift for row in report["rows"]]
+        ticks.update(x)
         if report["num_seeds"] > 1:
             label = f"{label} ({report['num_seeds']} seeds)"
-        requested = "requested_class_accuracy" if "requested_class_accuracy" in report["rows"][0] \
-            else "requested_kind_accuracy"  # the same number for the kind sweeps written before the class metric
-        for axis, key in zip(axes, (requested, "precision", "recall")):
+        for axis, key in zip(axes, ("requested_class_accuracy", "precision", "recall")):
             spread = [row[f"{key}_sd"] for row in report["rows"]] if report["num_seeds"] > 1 else None
             axis.errorbar(x, [row[key] for row in report["rows"]], yerr=spread, fmt="o-", capsize=3, markersize=4,
                           label=label)
     titles = ("requested class (fidelity to y)", "precision (fidelity)", "recall (diversity)")
+    ticks = sorted(x for x in ticks if x == int(x))
     for axis, title in zip(axes, titles):
+        axis.set_xscale("symlog", linthresh=1, linscale=0.5)  # scales 0, 1, 2, 4, ... 32 spread evenly
+        axis.set_xticks(ticks, [f"{x:g}" for x in ticks])
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("classifier scale s  /  classifier-free w - 1")
         axis.grid(alpha=0.3)
