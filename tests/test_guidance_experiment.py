@@ -71,3 +71,27 @@ def test_kind_color_sweep_asks_for_35_classes_and_scores_kind_and_colour():
     assert 0 <= row["requested_class_accuracy"] <= row["requested_kind_accuracy"] <= 1
     _, labels = guidance.sample("classifier-kind-color", 0.0, 40, steps=1, batch_size=40)
     assert labels.tolist() == [i % 35 for i in range(40)]  # class = kind * 7 + colour, every class in turn
+
+
+def test_combine_seeds_reads_the_class_accuracy_of_older_kind_sweeps():
+    def report(seed, row, label=None):
+        return {"method": "classifier", "seed": seed, "rows": [{"scale": 0.0, "precision": 0.5, "recall": 0.5, **row}],
+                **({"label": label} if label else {})}
+
+    older = report(0, {"requested_kind_accuracy": 0.2})  # written before requested_class_accuracy existed
+    newer = report(1000, {"requested_kind_accuracy": 0.4, "requested_class_accuracy": 0.4}, "kind")
+    row = guidance.combine_seeds([older, newer])["rows"][0]
+    assert row["requested_class_accuracy"] == pytest.approx(0.3) and row["precision"] == 0.5
+    colour = report(0, {"requested_kind_accuracy": 0.9}, "kind_color")  # the class is not the kind: no fallback
+    assert "requested_class_accuracy" not in guidance.combine_seeds(colour)["rows"][0]
+
+
+def test_classifier_free_kind_color_sweep_asks_the_35_class_model():
+    report = guidance.sweep("free-kind-color", [1.0, 3.0], num=4, steps=2, batch_size=4, verbose=False)
+    assert report["model"] == "ddpm-shapes-cond-kind-color" and report["classifier"] is None
+    assert report["label"] == "kind_color" and report["scale_convention"].startswith("classifier-free w: 1 = none")
+    row = report["rows"][0]
+    assert 0 <= row["requested_class_accuracy"] <= row["requested_kind_accuracy"] <= 1
+    plain, labels = guidance.sample("free-kind-color", 1.0, 4, steps=2, batch_size=4)
+    guided, _ = guidance.sample("free-kind-color", 3.0, 4, steps=2, batch_size=4)
+    assert labels.tolist() == [0, 1, 2, 3] and not torch.allclose(plain, guided)

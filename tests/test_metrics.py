@@ -1,9 +1,11 @@
 """Metrics: Fréchet distance identities and closed forms, KID and IS against torchmetrics, the shipped shapes
 evaluator, evaluate_shapes, and the Inception metrics (offline error; the pipeline with random weights)."""
 
+import json
 import math
 import os
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -372,3 +374,11 @@ def test_train_evaluator_trains_through_the_one_loop(monkeypatch):
         before = nn.functional.cross_entropy(initial(images), labels).item()
         after = nn.functional.cross_entropy(model(images), labels).item()
     assert before > 3.4 and after < 2.6
+
+
+def test_score_reads_the_classes_a_checkpoint_was_trained_on(capsys):
+    # ddpm-shapes-cond-kind-color takes class = kind * 7 + colour: `score` asks for i mod 35 and scores kind and colour
+    path = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / "ddpm-shapes-cond-kind-color.safetensors"
+    assert metrics.main(["score", str(path), "--num", "4", "--batch-size", "4", "--steps", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"requested_kind_accuracy", "requested_color_accuracy", "requested_class_accuracy"} <= set(report)
