@@ -140,8 +140,8 @@ _COND.unet.num_classes, _COND.unet.null_class = 5, True
 _COND.train.cond_dropout, _COND.train.out_dir = 0.1, "runs/ddpm-shapes-cond"
 
 # The same, conditioned on kind x colour (35 classes, `data.label=kind_color`): classifier-free guidance with a
-# condition that fixes all a shape's class is (chapter 04). Half the steps of its twins (4,800, the last 1,800 a
-# cosine decay): what fitted beside the guidance sweeps on the 2-core CPU.
+# condition that fixes both the kind and the colour of a shape (chapter 04). Half the steps of its twins (4,800,
+# the last 1,800 a cosine decay): what fitted beside the guidance sweeps on the 2-core CPU.
 register(Preset(
     name="ddpm-shapes-cond-kind-color",
     summary="ddpm-shapes conditioned on kind x colour (35 classes + a null class, 10% label dropout), 4,800 steps: "

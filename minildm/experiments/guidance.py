@@ -44,7 +44,8 @@ MODELS = {"classifier": "ddpm-shapes", "free": "ddpm-shapes-cond", "classifier-c
           "classifier-kind-color": "ddpm-shapes", "free-kind-color": "ddpm-shapes-cond-kind-color"}
 CLASSIFIERS = {"classifier": "shapes-classifier", "classifier-cond": "shapes-classifier",
                "classifier-kind-color": "shapes-classifier-kind-color"}
-LABELS = {"classifier-kind-color": "kind_color", "free-kind-color": "kind_color"}  # the classes a sweep asks for (`evaluate_shapes`'s label): else kind
+# the classes a sweep asks for, as `evaluate_shapes`'s label (the others: "kind")
+LABELS = {"classifier-kind-color": "kind_color", "free-kind-color": "kind_color"}
 METRICS = ("requested_kind_accuracy", "requested_class_accuracy", "precision", "recall", "frechet_distance_to_real",
            "kernel_distance_to_real", "confident_fraction")
 CLAIMS = {
@@ -71,10 +72,10 @@ def load_shipped(name: str, folder=None):
 
 def sample(method: str, scale: float, num: int, *, sampler="ddim", steps=50, seed=0, batch_size=100,
            models=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images [num, 3, 32, 32], requested kinds [num]) for one row of a sweep.
+    """(images [num, 3, 32, 32], requested classes [num]) for one row of a sweep.
 
-    Sample i asks for class i mod the number of classes (the 5 kinds; 35 kind x colour classes for
-    classifier-kind-color); batch b is drawn with seed `seed + b`, so every scale starts from the same noise.
+    Sample i asks for class i mod the number of classes (the 5 kinds; the 35 kind x colour classes in the
+    *-kind-color sweeps); batch b is drawn with seed `seed + b`, so every scale starts from the same noise.
     models: {"model": (net, config), "classifier": (net, config)} to reuse loaded networks.
     """
     models = models or {}
@@ -169,7 +170,7 @@ def combine_seeds(reports) -> dict:
         row = {"scale": scale}
         for key in METRICS:
             values = [value(report, i, key) for report in reports]
-            if None in values:  # a metric some sweep did not record (requested accuracies of the unconditional)
+            if None in values:  # a metric one of the sweeps did not record (it was written before the metric)
                 continue
             values = torch.tensor(values, dtype=torch.float64)
             row[key] = values.mean().item()
