@@ -94,7 +94,7 @@ class ShapesDataset(Dataset):
     def __init__(self, num_samples: int = 10_000, image_size: int = 32, seed: int = 0, *,
                  max_objects: int = 1, label: str = "kind", chunk_size: int = 4096):
         if label not in SHAPES_LABELS:
-            raise ValueError(f"label={label!r} is not supported; use 'kind', 'color' or 'kind_color'")
+            raise ValueError(f"label={label!r} is not supported; use one of {', '.join(SHAPES_LABELS)}")
         if not 1 <= max_objects <= 9:
             raise ValueError(f"max_objects={max_objects} must be between 1 and 9 (objects use cells of a 3x3 grid)")
         self.num_samples, self.image_size, self.seed = num_samples, image_size, seed

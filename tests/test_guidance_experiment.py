@@ -73,19 +73,6 @@ def test_kind_color_sweep_asks_for_35_classes_and_scores_kind_and_colour():
     assert labels.tolist() == [i % 35 for i in range(40)]  # class = kind * 7 + colour, every class in turn
 
 
-def test_combine_seeds_reads_the_class_accuracy_of_older_kind_sweeps():
-    def report(seed, row, label=None):
-        return {"method": "classifier", "seed": seed, "rows": [{"scale": 0.0, "precision": 0.5, "recall": 0.5, **row}],
-                **({"label": label} if label else {})}
-
-    older = report(0, {"requested_kind_accuracy": 0.2})  # written before requested_class_accuracy existed
-    newer = report(1000, {"requested_kind_accuracy": 0.4, "requested_class_accuracy": 0.4}, "kind")
-    row = guidance.combine_seeds([older, newer])["rows"][0]
-    assert row["requested_class_accuracy"] == pytest.approx(0.3) and row["precision"] == 0.5
-    colour = report(0, {"requested_kind_accuracy": 0.9}, "kind_color")  # the class is not the kind: no fallback
-    assert "requested_class_accuracy" not in guidance.combine_seeds(colour)["rows"][0]
-
-
 def test_classifier_free_kind_color_sweep_asks_the_35_class_model():
     report = guidance.sweep("free-kind-color", [1.0, 3.0], num=4, steps=2, batch_size=4, verbose=False)
     assert report["model"] == "ddpm-shapes-cond-kind-color" and report["classifier"] is None

@@ -91,7 +91,7 @@ def sweep(method: str, scales, *, num=500, sampler="ddim", steps=50, seed=0, bat
     """One row per scale: the `evaluate_shapes` figures of `METRICS` (and their real-data floors), seconds."""
     if method not in MODELS:
         raise ValueError(f"unknown method {method!r}; use {' or '.join(MODELS)}")
-    classifier = CLASSIFIERS.get(method)
+    classifier, label = CLASSIFIERS.get(method), LABELS.get(method, "kind")
     models = {"model": load_shipped(MODELS[method])}
     if classifier:
         models["classifier"] = load_shipped(classifier)
@@ -101,15 +101,15 @@ def sweep(method: str, scales, *, num=500, sampler="ddim", steps=50, seed=0, bat
         images, labels = sample(method, scale, num, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                                 models=models)
         seconds = time.perf_counter() - start
-        report = metrics.evaluate_shapes(images, labels=labels, label=LABELS.get(method, "kind"))
-        row = {"scale": scale, "seconds": round(seconds, 1), **{key: report[key] for key in METRICS if key in report},
+        report = metrics.evaluate_shapes(images, labels=labels, label=label)
+        row = {"scale": scale, "seconds": round(seconds, 1), **{key: report[key] for key in METRICS},
                "precision_floor": report["precision_floor"], "recall_floor": report["recall_floor"],
                "frechet_distance_floor": report["frechet_distance_floor"]}
         rows.append(row)
         if verbose:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return {"method": method, "model": MODELS[method], "classifier": classifier,
-            "label": LABELS.get(method, "kind"), "sampler": sampler, "steps": steps, "num": num, "seed": seed,
+            "label": label, "sampler": sampler, "steps": steps, "num": num, "seed": seed,
             "claim": CLAIMS[method], "scale_convention": "classifier scale s: 0 = none" if classifier
             else "classifier-free w: 1 = none, 0 = unconditional",
             "metric": report["metric"], "rows": rows,
@@ -151,28 +151,17 @@ def implicit_classifier(num: int = 200, timesteps=(50, 150, 300, 500, 700, 900),
 
 def combine_seeds(reports) -> dict:
     """One report from sweeps of the same scales with different seeds: each metric's mean, and its standard
-    deviation over the seeds as `<metric>_sd` (0 for a single seed); `num_seeds` says how many. A sweep of
-    kinds written before `requested_class_accuracy` existed gets it from `requested_kind_accuracy`: the same
-    number when the requested class is the kind."""
+    deviation over the seeds as `<metric>_sd` (0 for a single seed); `num_seeds` says how many."""
     reports = reports if isinstance(reports, (list, tuple)) else [reports]
     scales = [row["scale"] for row in reports[0]["rows"]]
     if any([row["scale"] for row in report["rows"]] != scales for report in reports):
         raise ValueError("the sweeps to combine must have the same scales")
 
-    def value(report, i, key):
-        row = report["rows"][i]
-        if key == "requested_class_accuracy" and key not in row and report.get("label", "kind") == "kind":
-            return row.get("requested_kind_accuracy")
-        return row.get(key)
-
     rows = []
     for i, scale in enumerate(scales):
         row = {"scale": scale}
         for key in METRICS:
-            values = [value(report, i, key) for report in reports]
-            if None in values:  # a metric one of the sweeps did not record (it was written before the metric)
-                continue
-            values = torch.tensor(values, dtype=torch.float64)
+            values = torch.tensor([report["rows"][i][key] for report in reports], dtype=torch.float64)
             row[key] = values.mean().item()
             row[f"{key}_sd"] = values.std().item() if len(values) > 1 else 0.0
         rows.append(row)
