@@ -5,13 +5,13 @@ import json
 import math
 import os
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from minildm import data, metrics
+from minildm.experiments.guidance import CHECKPOINTS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def test_train_evaluator_trains_through_the_one_loop(monkeypatch):
 
 def test_score_reads_the_classes_a_checkpoint_was_trained_on(capsys):
     # ddpm-shapes-cond-kind-color takes class = kind * 7 + colour: `score` asks for i mod 35 and scores kind and colour
-    path = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / "ddpm-shapes-cond-kind-color.safetensors"
+    path = CHECKPOINTS / "ddpm-shapes-cond-kind-color.safetensors"
     assert metrics.main(["score", str(path), "--num", "4", "--batch-size", "4", "--steps", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert {"requested_kind_accuracy", "requested_color_accuracy", "requested_class_accuracy"} <= set(report)
